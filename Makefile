@@ -1,0 +1,41 @@
+# vlgate: `make run` serves, `make test` tests. Both create .venv and install what they need.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+
+.PHONY: install dev run test lint bench clean demo
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+dev: $(VENV)/.dev-installed
+
+## Serve: for now a one-shot generation on the command line (VLGATE_MODEL picks the model).
+run: install
+	VLGATE_DEMO_FALLBACK=$${VLGATE_DEMO_FALLBACK:-1} $(PY) -m worker.cli generate \
+		--prompt "$${PROMPT:-Describe this image.}" $${IMAGE:+--image "$$IMAGE"}
+
+test: dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: dev
+	$(BIN)/ruff check .
+
+bench: install
+	$(PY) -m bench.engine
+
+demo: install
+	$(PY) -m worker.cli build-demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

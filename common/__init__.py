@@ -1,0 +1,1 @@
+"""Code shared by the web and worker processes: settings, schemas, images, models, the token bus."""

@@ -1,0 +1,72 @@
+"""The single settings object, read from the environment with the prefix ``VLGATE_``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
+DEMO_MODEL = "demo"
+
+
+class Settings(BaseSettings):
+    """Every tunable of vlgate; no other module reads ``os.environ``."""
+
+    model_config = SettingsConfigDict(env_prefix="VLGATE_", env_file=None, extra="ignore")
+
+    # Model and device
+    model: str = Field(DEFAULT_MODEL, description="Hub id, local path, or 'demo' (tiny random checkpoint).")
+    demo_fallback: bool = Field(False, description="Serve the demo model, loudly labelled, if the real one fails.")
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda:N'.")
+    dtype: str = Field("auto", description="'auto' (bf16 on GPU, fp32 on CPU), 'bfloat16', 'float16', 'float32'.")
+    hf_offline: bool = Field(False, description="Never reach the hub: load only local files and the cache.")
+
+    # Storage and services
+    data_dir: Path = Field(Path("data"), description="Database file, demo checkpoint cache, logs.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite under data_dir.")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # Images
+    max_image_bytes: int = Field(10 * 1024 * 1024, gt=0, description="Largest accepted encoded image.")
+    max_image_pixels: int = Field(1024 * 1024, gt=0, description="Images are downscaled to at most this area.")
+    min_image_pixels: int = Field(64 * 32 * 32, gt=0, description="Processor lower bound on image area.")
+    max_images_per_request: int = Field(8, gt=0)
+
+    # Generation
+    max_tokens_limit: int = Field(2048, gt=0)
+    default_max_tokens: int = Field(512, gt=0)
+    default_temperature: float = Field(0.5, ge=0.0, le=2.0)
+    max_prompt_chars: int = Field(32_000, gt=0)
+    max_batch: int = Field(8, gt=0, description="Largest number of requests generated together.")
+
+    # Service behaviour
+    heartbeat_s: float = Field(30.0, gt=0)
+    chat_wait_s: float = Field(120.0, ge=0)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value in ("auto", "cpu") or value == "cuda" or value.startswith("cuda:"):
+            return value
+        raise ValueError("device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """Return the database URL, defaulting to a SQLite file in the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'vlgate.db').resolve()}"
+
+    @property
+    def demo_dir(self) -> Path:
+        """Return where the demo checkpoint is cached."""
+        return self.data_dir / "demo-checkpoint"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return the process-wide settings read from the environment."""
+    return Settings()

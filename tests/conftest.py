@@ -1,0 +1,57 @@
+"""Shared fixtures: settings pointing at a temporary data dir, and the demo engine."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from common.config import Settings
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip GPU-marked tests on machines without CUDA."""
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory shared by the session (the demo checkpoint is built once into it)."""
+    return tmp_path_factory.mktemp("vlgate-data")
+
+
+@pytest.fixture(scope="session")
+def settings(data_dir: Path) -> Settings:
+    """Settings for the demo model on the CPU."""
+    return Settings(model="demo", data_dir=data_dir, device="cpu", hf_offline=True)
+
+
+@pytest.fixture(scope="session")
+def engine(settings: Settings):
+    """The demo engine, loaded once through ``from_pretrained``."""
+    from worker.loader import load_engine
+
+    return load_engine(settings)
+
+
+def make_image(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (200, 30, 30),
+               fmt: str = "PNG") -> bytes:
+    """Encode a solid-colour test image."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format=fmt)
+    return buffer.getvalue()

@@ -1,0 +1,177 @@
+"""The engine on the real transformers path with the tiny demo checkpoint (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from common.config import Settings
+from worker.engine import GenerationRequest, Turn
+from worker.sampling import SamplingParams
+
+
+def ask(rid: str, size=(64, 48), color=(200, 30, 30), prompt: str = "What is in this picture?", **params):
+    """Build a one-turn request with one solid-colour image."""
+    params.setdefault("temperature", 0.0)
+    params.setdefault("max_tokens", 16)
+    return GenerationRequest(rid, [Turn("user", prompt, [Image.new("RGB", size, color)])], SamplingParams(**params))
+
+
+def test_loads_real_architecture_through_from_pretrained(engine, settings):
+    assert type(engine.model).__name__ == "Qwen3VLForConditionalGeneration"
+    assert engine.info.is_demo and "random" in engine.info.label
+    assert engine.info.path.startswith(str(settings.demo_dir))
+    assert engine.info.device == "cpu" and engine.info.dtype == "float32"
+    assert 100_000 < engine.info.parameters < 1_000_000
+
+
+def test_local_directory_path_loads(engine):
+    from worker.loader import load_engine
+
+    other = load_engine(Settings(model=engine.info.path, device="cpu", data_dir=engine.info.path))
+    assert other.info.is_demo and other.info.requested == engine.info.path
+    assert other.generate([ask("a")])[0].text == engine.generate([ask("a")])[0].text
+
+
+def test_image_and_prompt_yield_text_with_usage_and_timings(engine):
+    result = engine.generate([ask("r1", max_tokens=12)])[0]
+    assert result.text
+    assert result.finish_reason in ("length", "stop")
+    assert 0 < result.completion_tokens <= 12
+    # 64x48 is upscaled to the processor's minimum area; its tokens are part of the prompt.
+    assert result.prompt_tokens > 20
+    assert result.usage["total_tokens"] == result.prompt_tokens + result.completion_tokens
+    t = result.timings
+    assert t["started_at"] <= t["first_token_at"] <= t["finished_at"]
+
+
+def test_streamed_deltas_join_to_final_text(engine):
+    deltas: dict[str, list[str]] = {}
+    requests = [ask(f"s{i}", temperature=1.0, seed=i, max_tokens=40, prompt="请描述这张图片") for i in range(3)]
+    results = engine.generate(requests, on_delta=lambda rid, d: deltas.setdefault(rid, []).append(d))
+    for result in results:
+        assert "".join(deltas[result.request_id]) == result.text
+        assert all(deltas[result.request_id])
+
+
+def test_greedy_is_deterministic(engine):
+    first = engine.generate([ask("g")])[0].text
+    assert engine.generate([ask("g")])[0].text == first
+
+
+def test_greedy_alone_equals_greedy_in_padded_batch(engine):
+    sizes = [(64, 48), (320, 200), (256, 512), (500, 500)]
+    requests = [ask(f"b{i}", size=s, color=(i * 60, 90, 200), max_tokens=24) for i, s in enumerate(sizes)]
+    alone = [engine.generate([r])[0] for r in requests]
+    together = engine.generate(requests)
+    assert len({r.prompt_tokens for r in alone}) == 4  # really different lengths, so really padded
+    for a, b in zip(alone, together, strict=True):
+        assert a.text == b.text and a.completion_tokens == b.completion_tokens
+
+
+def test_seed_reproduces_sampled_answer(engine):
+    one = engine.generate([ask("x", temperature=1.0, seed=123, max_tokens=30)])[0].text
+    two = engine.generate([ask("x", temperature=1.0, seed=123, max_tokens=30)])[0].text
+    other = engine.generate([ask("x", temperature=1.0, seed=456, max_tokens=30)])[0].text
+    assert one == two
+    assert one != other
+
+
+def test_top_k_one_is_greedy(engine):
+    greedy = engine.generate([ask("k")])[0].text
+    assert engine.generate([ask("k", temperature=1.5, top_k=1, seed=9)])[0].text == greedy
+
+
+def test_max_tokens_stop_and_cancel_end_only_their_own_row(engine):
+    base = [ask(f"row{i}", color=(30 * i, 200, 40), max_tokens=24) for i in range(4)]
+    alone = [engine.generate([r])[0] for r in base]
+    stop_text = alone[1].text[8:11]
+    assert stop_text and stop_text not in alone[1].text[:8]
+    base[0].params.max_tokens = 5
+    base[1].params.stop = [stop_text]
+    steps = {"n": 0}
+
+    def cancel_row2(ids: list[str]) -> set[str]:
+        steps["n"] += 1
+        return {"row2"} if steps["n"] > 3 else set()
+
+    out = engine.generate(base, check_cancelled=cancel_row2)
+    assert out[0].finish_reason == "length" and out[0].completion_tokens == 5
+    assert alone[0].text.startswith(out[0].text)
+    assert out[1].finish_reason == "stop" and out[1].text == alone[1].text[: alone[1].text.index(stop_text)]
+    assert out[2].finish_reason == "cancelled" and out[2].completion_tokens == 3
+    assert alone[2].text.startswith(out[2].text)
+    assert out[3].text == alone[3].text and out[3].finish_reason == alone[3].finish_reason
+
+
+def test_two_turn_conversation_with_two_images(engine):
+    first_image, second_image = Image.new("RGB", (96, 64), "red"), Image.new("RGB", (64, 96), "blue")
+    turns = [
+        Turn("user", "What colour is this?", [first_image]),
+        Turn("assistant", "It is red."),
+        Turn("user", "And this one?", [second_image]),
+    ]
+    prompt, images = engine.render(turns)
+    assert prompt.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
+    assert images == [first_image, second_image]
+    assert prompt.index("What colour") < prompt.index("It is red.") < prompt.index("And this one?")
+    assert prompt.endswith("<|im_start|>assistant\n")
+    features = engine.prepare(GenerationRequest("t", turns))
+    assert features["image_grid_thw"].shape[0] == 2
+    two_turn = engine.generate([GenerationRequest("t", turns, SamplingParams(temperature=0, max_tokens=8))])[0]
+    one_turn = engine.generate([GenerationRequest("o", turns[2:], SamplingParams(temperature=0, max_tokens=8))])[0]
+    assert two_turn.prompt_tokens > one_turn.prompt_tokens + 20
+
+
+def test_text_only_turn(engine):
+    request = GenerationRequest("t", [Turn("user", "Hello there")], SamplingParams(temperature=0, max_tokens=6))
+    result = engine.generate([request])[0]
+    assert result.completion_tokens > 0 and result.finish_reason in ("length", "stop")
+
+
+def test_over_long_prompt_fails_alone(engine):
+    engine.info.max_context, saved = 200, engine.info.max_context
+    try:
+        big = ask("big", size=(500, 500), max_tokens=10)
+        small = ask("small", size=(32, 32), max_tokens=10)
+        out = engine.generate([big, small])
+    finally:
+        engine.info.max_context = saved
+    assert out[0].finish_reason == "error" and out[0].error_code == "context_length_exceeded"
+    assert out[1].finish_reason == "length" and out[1].text
+
+
+def test_image_token_count_is_h_over_32_times_w_over_32(engine):
+    from worker.processor import image_token_count
+
+    assert image_token_count(engine.processor, 640, 480) == (640 // 32) * (480 // 32)
+    assert image_token_count(engine.processor, 1024, 1024) == 32 * 32
+
+
+def test_demo_fallback_and_loud_label(settings, tmp_path):
+    from worker.loader import ModelLoadError, load_engine
+
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ModelLoadError):
+        load_engine(settings.model_copy(update={"model": missing, "demo_fallback": False}))
+    engine = load_engine(settings.model_copy(update={"model": missing, "demo_fallback": True}))
+    assert engine.info.is_demo and engine.info.requested == missing
+    assert missing in engine.info.fallback_reason
+
+
+def test_demo_checkpoint_is_deterministic(tmp_path, engine):
+    from pathlib import Path
+
+    from worker.demo import checkpoint_digest, ensure_demo_checkpoint
+
+    rebuilt = ensure_demo_checkpoint(tmp_path)
+    assert checkpoint_digest(rebuilt) == checkpoint_digest(Path(engine.info.path))
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_generation(settings):
+    from worker.loader import load_engine
+
+    gpu = load_engine(settings.model_copy(update={"device": "cuda:0"}))
+    assert gpu.info.device == "cuda:0" and gpu.info.dtype == "bfloat16"
+    assert gpu.generate([ask("gpu")])[0].text

@@ -1,0 +1,1 @@
+"""The GPU worker: model loading, generation engine, Celery tasks."""

@@ -1,0 +1,277 @@
+"""Generate answers for a batch of conversations in one forward pass, each row on its own terms."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from worker.sampling import RowSampler, SamplingParams
+from worker.textstream import TextStream, TokenDecoder
+
+log = logging.getLogger(__name__)
+
+DeltaCallback = Callable[[str, str], None]
+FinishCallback = Callable[["GenerationResult"], None]
+CancelCheck = Callable[[list[str]], set[str]]
+
+
+@dataclass
+class Turn:
+    """One message of a conversation: its role, its text and the images it carries."""
+
+    role: str
+    text: str
+    images: list[Image.Image] = field(default_factory=list)
+
+
+@dataclass
+class GenerationRequest:
+    """A conversation to continue, with its decoding parameters."""
+
+    request_id: str
+    messages: list[Turn]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    enqueued_at: float | None = None  # epoch seconds, for the queue time
+
+
+@dataclass
+class GenerationResult:
+    """What one request produced, why it stopped, and what it cost."""
+
+    request_id: str
+    text: str
+    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timings: dict[str, float | None] = field(default_factory=dict)
+    error_code: str | None = None
+    error_message: str | None = None
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """Return OpenAI-style token counts."""
+        total = self.prompt_tokens + self.completion_tokens
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": total}
+
+
+@dataclass
+class ModelInfo:
+    """What is loaded, where, and why it may differ from what was asked for."""
+
+    requested: str
+    path: str
+    label: str
+    is_demo: bool
+    device: str
+    dtype: str
+    parameters: int
+    max_context: int
+    fallback_reason: str | None = None  # the configured model failed and the demo model serves instead
+    device_fallback_reason: str | None = None  # the GPU failed and the CPU serves instead
+
+
+class _Row:
+    """Decoding state of one request inside a running batch."""
+
+    def __init__(self, request: GenerationRequest, prompt_len: int, decoder: TokenDecoder, device: torch.device,
+                 prompt_ids: list[int]) -> None:
+        self.request = request
+        self.prompt_len = prompt_len
+        self.sampler = RowSampler(request.params, device, prompt_ids)
+        self.stream = TextStream(decoder, request.params.stop)
+        self.started_at = time.time()
+        self.first_token_at: float | None = None
+        self.generated = 0
+        self.finish_reason: str | None = None
+
+    def result(self) -> GenerationResult:
+        """Build the final result of this row."""
+        done = time.time()
+        queued = self.request.enqueued_at
+        timings = {
+            "queued_at": queued,
+            "started_at": self.started_at,
+            "first_token_at": self.first_token_at,
+            "finished_at": done,
+            "queue_ms": (self.started_at - queued) * 1000 if queued else None,
+            "time_to_first_token_ms": ((self.first_token_at - self.started_at) * 1000
+                                       if self.first_token_at else None),
+            "generation_ms": (done - self.started_at) * 1000,
+        }
+        decode_s = done - (self.first_token_at or done)
+        timings["decode_tokens_per_s"] = (self.generated - 1) / decode_s if decode_s > 0 and self.generated > 1 else None
+        return GenerationResult(self.request.request_id, self.stream.text, self.finish_reason or "stop",
+                                self.prompt_len, self.generated, timings)
+
+
+class Engine:
+    """A loaded model with its processor: prepares prompts and runs batched decoding."""
+
+    def __init__(self, model: Any, processor: Any, info: ModelInfo) -> None:
+        self.model = model
+        self.processor = processor
+        self.info = info
+        self.device = next(model.parameters()).device
+        self.tokenizer = processor.tokenizer
+        self.decoder = TokenDecoder(self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.eos_ids = _eos_ids(model, self.tokenizer)
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def render(self, messages: Sequence[Turn]) -> tuple[str, list[Image.Image]]:
+        """Render a conversation through the model's chat template; return the prompt and its images."""
+        chat, images = [], []
+        for turn in messages:
+            content: list[dict[str, str]] = [{"type": "image"} for _ in turn.images]
+            content.append({"type": "text", "text": turn.text})
+            chat.append({"role": turn.role, "content": content})
+            images.extend(turn.images)
+        return self.processor.apply_chat_template(chat, add_generation_prompt=True), images
+
+    def prepare(self, request: GenerationRequest) -> dict[str, Any]:
+        """Tokenize one request and preprocess its images (CPU work, done before the batch runs)."""
+        prompt, images = self.render(request.messages)
+        features = self.processor(text=[prompt], images=images or None, return_tensors="pt")
+        return {k: v for k, v in features.items() if k in _MODEL_INPUTS}
+
+    # -- generation ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_delta: DeltaCallback | None = None,
+        on_finish: FinishCallback | None = None,
+        check_cancelled: CancelCheck | None = None,
+    ) -> list[GenerationResult]:
+        """Generate all requests together; each streams, stops and finishes on its own."""
+        results: dict[str, GenerationResult] = {}
+
+        def finish(result: GenerationResult) -> None:
+            results[result.request_id] = result
+            if on_finish:
+                on_finish(result)
+
+        rows, prepared = [], []
+        for request in requests:
+            try:
+                features = self.prepare(request)
+            except Exception as exc:  # noqa: BLE001 - a bad request fails alone
+                finish(_error_result(request, "invalid_request", f"could not build the prompt: {exc}"))
+                continue
+            prompt_len = int(features["input_ids"].shape[1])
+            if prompt_len + request.params.max_tokens > self.info.max_context:
+                finish(_error_result(request, "context_length_exceeded",
+                                     f"prompt ({prompt_len} tokens) + max_tokens exceeds the model's "
+                                     f"context of {self.info.max_context} tokens", prompt_len))
+                continue
+            ids = features["input_ids"][0].tolist()
+            rows.append(_Row(request, prompt_len, self.decoder, self.device, ids))
+            prepared.append(features)
+        if rows:
+            self._run(rows, prepared, on_delta, finish, check_cancelled)
+        return [results[r.request_id] for r in requests]
+
+    def _run(self, rows: list[_Row], prepared: list[dict], on_delta: DeltaCallback | None,
+             finish: FinishCallback, check_cancelled: CancelCheck | None) -> None:
+        """Prefill the padded batch, then decode step by step, dropping rows as they finish."""
+        inputs = self._collate(prepared)
+        position_ids, _ = self.model.model.get_rope_index(
+            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs.get("image_grid_thw"), attention_mask=inputs["attention_mask"],
+        )
+        out = self.model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :]
+        attention = inputs["attention_mask"]
+        next_pos = position_ids.amax(dim=(0, 2)) + 1
+        while True:
+            cancelled = check_cancelled([r.request.request_id for r in rows]) if check_cancelled else set()
+            tokens, keep = [], []
+            for i, row in enumerate(rows):
+                token = None
+                if row.request.request_id in cancelled:
+                    row.finish_reason = "cancelled"
+                else:
+                    token = self._advance(row, logits[i], on_delta)
+                if row.finish_reason:
+                    tail = row.stream.finish()
+                    if tail and on_delta:
+                        on_delta(row.request.request_id, tail)
+                    finish(row.result())
+                else:
+                    keep.append(i)
+                    tokens.append(token)
+            if not keep:
+                return
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                attention, next_pos = attention[index], next_pos[index]
+                rows = [rows[i] for i in keep]
+            step_ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
+            attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=1)
+            positions = next_pos.view(1, -1, 1).expand(3, -1, 1)
+            out = self.model(input_ids=step_ids, attention_mask=attention, position_ids=positions,
+                             past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :]
+            next_pos = next_pos + 1
+
+    def _advance(self, row: _Row, logits: torch.Tensor, on_delta: DeltaCallback | None) -> int:
+        """Pick the row's next token, stream its text, and decide whether the row is done."""
+        token = row.sampler.pick(logits, self.eos_ids, row.generated)
+        row.generated += 1
+        if row.first_token_at is None:
+            row.first_token_at = time.time()
+        if token in self.eos_ids:
+            row.finish_reason = "stop"
+            return token
+        delta = row.stream.push(token)
+        if delta and on_delta:
+            on_delta(row.request.request_id, delta)
+        if row.stream.stopped:
+            row.finish_reason = "stop"
+        elif row.generated >= row.request.params.max_tokens:
+            row.finish_reason = "length"
+        return token
+
+    def _collate(self, prepared: list[dict]) -> dict[str, torch.Tensor]:
+        """Left-pad the rows to one length and concatenate their images in row order."""
+        width = max(int(p["input_ids"].shape[1]) for p in prepared)
+        batch: dict[str, torch.Tensor] = {}
+        for key, fill in (("input_ids", self.pad_id), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+            padded = [torch.nn.functional.pad(p[key], (width - p[key].shape[1], 0), value=fill) for p in prepared]
+            batch[key] = torch.cat(padded).to(self.device)
+        with_images = [p for p in prepared if p.get("pixel_values") is not None]
+        if with_images:
+            dtype = next(self.model.parameters()).dtype
+            batch["pixel_values"] = torch.cat([p["pixel_values"] for p in with_images]).to(self.device, dtype)
+            batch["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in with_images]).to(self.device)
+        return batch
+
+
+_MODEL_INPUTS = {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"}
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Collect the end-of-sequence ids from the generation config and the tokenizer."""
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def _error_result(request: GenerationRequest, code: str, message: str, prompt_tokens: int = 0) -> GenerationResult:
+    """Build the result of a request that could not run."""
+    return GenerationResult(request.request_id, "", "error", prompt_tokens, 0, {}, code, message)
