@@ -175,3 +175,63 @@ def test_gpu_bf16_generation(settings):
     gpu = load_engine(settings.model_copy(update={"device": "cuda:0"}))
     assert gpu.info.device == "cuda:0" and gpu.info.dtype == "bfloat16"
     assert gpu.generate([ask("gpu")])[0].text
+
+
+def _bad_images() -> dict[str, bytes]:
+    """Awkward real-world images: each must either work end to end or fail with a named error."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    def png_header(width: int, height: int) -> bytes:
+        ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+        chunk = b"IHDR" + ihdr
+        idat = zlib.compress(b"\x00" * 64)
+        return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+                + struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
+                + b"\x00\x00\x00\x00IEND\xaeB`\x82")
+
+    def encode(image: Image.Image, fmt: str, **kw) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt, **kw)
+        return buffer.getvalue()
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    frames = [Image.new("P", (40, 30), i) for i in (1, 2, 3)]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    good_png = encode(Image.new("RGB", (80, 60), "green"), "PNG")
+    return {
+        "truncated_png": good_png[: len(good_png) // 2],
+        "text_file": b"hello, I am not an image\n",
+        "zero_by_zero": png_header(0, 0),
+        "bomb_30000": png_header(30000, 30000),
+        "cmyk_jpeg": encode(Image.new("CMYK", (50, 40), (0, 255, 255, 0)), "JPEG"),
+        "animated_gif": gif.getvalue(),
+        "exif_rotated_jpeg": encode(Image.new("RGB", (40, 20), "red"), "JPEG", exif=exif.tobytes()),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bad_images()))
+def test_bad_images_work_or_fail_with_named_error(engine, settings, name):
+    from common.images import ImageError, normalize_image
+
+    raw = _bad_images()[name]
+    try:
+        image = normalize_image(raw, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    except ImageError as exc:
+        assert name in {"truncated_png", "text_file", "zero_by_zero", "bomb_30000"}
+        assert exc.code == "invalid_image" and exc.status == 400 and str(exc)
+        return
+    assert name in {"cmyk_jpeg", "animated_gif", "exif_rotated_jpeg"}
+    picture = image.to_pil()
+    assert picture.mode == "RGB"
+    if name == "exif_rotated_jpeg":
+        assert picture.size == (20, 40)
+    turn = Turn("user", "Describe.", [picture])
+    request = GenerationRequest(name, [turn], SamplingParams(temperature=0, max_tokens=4))
+    result = engine.generate([request])[0]
+    assert result.finish_reason in ("length", "stop") and result.completion_tokens > 0

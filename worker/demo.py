@@ -40,11 +40,13 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-_WORDS = (
-    "the a an of to in on with and or is are was this that image picture photo product scan design "
-    "mock-up red green blue white black small large left right top bottom table cup bottle box label "
-    "text logo price shows contains describe answer question there one two three color shape background"
-).split()
+_WORDS = [
+    "the", "a", "an", "of", "to", "in", "on", "with", "and", "or", "is", "are", "was", "this", "that",
+    "image", "picture", "photo", "product", "scan", "design", "mock-up", "red", "green", "blue",
+    "white", "black", "small", "large", "left", "right", "top", "bottom", "table", "cup", "bottle",
+    "box", "label", "text", "logo", "price", "shows", "contains", "describe", "answer", "question",
+    "there", "one", "two", "three", "color", "shape", "background",
+]
 _CHINESE = "这是一张产品照片图片中有一个红色的杯子请描述图像内容文字标签价格左右上下背景颜色形状设计扫描件"
 
 

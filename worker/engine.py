@@ -105,7 +105,8 @@ class _Row:
             "generation_ms": (done - self.started_at) * 1000,
         }
         decode_s = done - (self.first_token_at or done)
-        timings["decode_tokens_per_s"] = (self.generated - 1) / decode_s if decode_s > 0 and self.generated > 1 else None
+        steady = decode_s > 0 and self.generated > 1
+        timings["decode_tokens_per_s"] = (self.generated - 1) / decode_s if steady else None
         return GenerationResult(self.request.request_id, self.stream.text, self.finish_reason or "stop",
                                 self.prompt_len, self.generated, timings)
 
