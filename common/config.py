@@ -43,8 +43,16 @@ class Settings(BaseSettings):
     max_batch: int = Field(8, gt=0, description="Largest number of requests generated together.")
 
     # Service behaviour
-    heartbeat_s: float = Field(30.0, gt=0)
-    chat_wait_s: float = Field(120.0, ge=0)
+    heartbeat_s: float = Field(30.0, gt=0, description="Seconds between worker heartbeats.")
+    chat_wait_s: float = Field(120.0, ge=0, description="How long POST /api/chat waits before answering 202.")
+    model_wait_s: float = Field(5.0, ge=0, description="How long a request waits for a loaded worker before 503.")
+    job_lease_s: float = Field(30.0, gt=0, description="A claimed job is re-claimable when its lease expires.")
+    max_attempts: int = Field(3, gt=0, description="Claims per job before it fails with worker_lost.")
+    reaper_interval_s: float = Field(10.0, gt=0, description="How often a worker looks for orphaned jobs.")
+    stale_queued_s: float = Field(60.0, gt=0, description="A queued job older than this is re-enqueued if lost.")
+    visibility_timeout_s: int = Field(3600, gt=0, description="Redis broker redelivery of unacked tasks.")
+    worker_id: str | None = Field(None, description="Name shown in health; default host:pid.")
+    web_port: int = Field(8501, gt=0, lt=65536)
 
     @field_validator("device")
     @classmethod

@@ -1,0 +1,102 @@
+"""The Redis token bus: per-job events with a sequence number, a snapshot for late followers,
+cancel flags, and worker heartbeats."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from common.schemas import WorkerStatus
+
+PREFIX = "vlgate"
+SNAPSHOT_TTL_S = 24 * 3600
+
+
+def job_channel(job_id: str) -> str:
+    """Return the pub/sub channel of a job's events."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+class TokenBus:
+    """Publish and read job events, cancel flags and heartbeats in Redis."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    # -- events ------------------------------------------------------------------------------------
+    def publish(self, job_id: str, event: dict[str, Any]) -> None:
+        """Publish one event and update the snapshot in the same transaction.
+
+        Token text is appended to the snapshot; ``done``/``error`` are stored whole as the final event;
+        ``reset`` (a retried job starting over) clears the text.
+        """
+        key = f"{PREFIX}:job:{job_id}"
+        pipe = self.redis.pipeline(transaction=True)
+        if event["type"] == "token":
+            pipe.append(f"{key}:text", event["text"])
+        elif event["type"] == "reset":
+            pipe.set(f"{key}:text", "")
+        else:
+            pipe.set(f"{key}:final", json.dumps(event))
+        pipe.set(f"{key}:seq", event["seq"])
+        pipe.publish(job_channel(job_id), json.dumps(event))
+        for suffix in ("text", "seq", "final"):
+            pipe.expire(f"{key}:{suffix}", SNAPSHOT_TTL_S)
+        pipe.execute()
+
+    def snapshot(self, job_id: str) -> tuple[int, str, dict[str, Any] | None]:
+        """Return (last seq, text so far, final event or None), read atomically."""
+        key = f"{PREFIX}:job:{job_id}"
+        seq, text, final = self.redis.mget(f"{key}:seq", f"{key}:text", f"{key}:final")
+        return (
+            int(seq) if seq is not None else 0,
+            text.decode("utf-8", "replace") if isinstance(text, bytes) else (text or ""),
+            json.loads(final) if final else None,
+        )
+
+    def subscribe(self, job_id: str) -> redis.client.PubSub:
+        """Subscribe to a job's events (do this before reading the snapshot)."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(job_channel(job_id))
+        return pubsub
+
+    # -- cancellation ------------------------------------------------------------------------------
+    def request_cancel(self, job_id: str) -> None:
+        """Raise the cancel flag that the generation loop checks at every step."""
+        self.redis.set(f"{PREFIX}:cancel:{job_id}", 1, ex=SNAPSHOT_TTL_S)
+
+    def cancelled(self, job_ids: list[str]) -> set[str]:
+        """Return which of these jobs have their cancel flag raised (one round trip)."""
+        if not job_ids:
+            return set()
+        flags = self.redis.mget([f"{PREFIX}:cancel:{j}" for j in job_ids])
+        return {j for j, flag in zip(job_ids, flags, strict=True) if flag}
+
+    # -- heartbeats --------------------------------------------------------------------------------
+    def beat(self, status: WorkerStatus, ttl_s: float) -> None:
+        """Store a worker's status; it disappears if the worker stops beating."""
+        status.last_heartbeat = time.time()
+        self.redis.set(f"{PREFIX}:worker:{status.worker_id}", status.model_dump_json(), px=int(ttl_s * 1000))
+
+    def forget_worker(self, worker_id: str) -> None:
+        """Remove a worker that is shutting down cleanly."""
+        self.redis.delete(f"{PREFIX}:worker:{worker_id}")
+
+    def workers(self) -> list[WorkerStatus]:
+        """Return every live worker's last heartbeat, with its age."""
+        keys = sorted(self.redis.scan_iter(match=f"{PREFIX}:worker:*", count=100))
+        now = time.time()
+        out = []
+        for raw in self.redis.mget(keys) if keys else []:
+            if raw:
+                status = WorkerStatus.model_validate_json(raw)
+                status.age_s = round(now - status.last_heartbeat, 3)
+                out.append(status)
+        return out
+
+    def lock(self, name: str, ttl_s: float) -> bool:
+        """Take a short-lived named lock (e.g. one reaper per interval across workers)."""
+        return bool(self.redis.set(f"{PREFIX}:lock:{name}", 1, nx=True, px=int(ttl_s * 1000)))

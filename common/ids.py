@@ -1,0 +1,21 @@
+"""Readable, prefixed, random identifiers (``sess_…``, ``job_…``, ``batch_…``) and UTC time."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+
+
+def new_id(prefix: str) -> str:
+    """Return a new identifier like ``job_3f9c0a…`` (96 random bits)."""
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def utcnow() -> datetime:
+    """Return the current UTC time as a naive datetime (how the database stores it)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def isoformat(value: datetime | None) -> str | None:
+    """Render a stored UTC datetime as ISO 8601 with a ``Z``."""
+    return None if value is None else value.isoformat(timespec="milliseconds") + "Z"

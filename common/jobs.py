@@ -1,0 +1,174 @@
+"""Job state transitions shared by web and workers: claim with a lease, renew, finish once, cancel, reap."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from common.ids import utcnow
+from common.models import Job, Message
+
+
+def claim(db: Session, job_id: str, worker_id: str, lease_s: float, max_attempts: int) -> Job | None:
+    """Atomically take a queued job, or a running one whose lease expired; None if someone else has it."""
+    now = utcnow()
+    claimable = or_(Job.status == "queued", and_(Job.status == "running", Job.lease_expires_at < now))
+    result = db.execute(
+        update(Job)
+        .where(Job.id == job_id, claimable, Job.attempts < max_attempts, Job.cancel_requested.is_(False))
+        .values(
+            status="running",
+            worker_id=worker_id,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+            attempts=Job.attempts + 1,
+            started_at=func.coalesce(Job.started_at, now),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    db.commit()
+    if result.rowcount != 1:
+        return None
+    return db.execute(select(Job).where(Job.id == job_id).execution_options(populate_existing=True)).scalar_one()
+
+
+def renew(db: Session, job_id: str, worker_id: str, lease_s: float) -> bool:
+    """Extend this worker's lease; False means the job is no longer ours (cancelled or re-claimed)."""
+    result = db.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == "running")
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+        .execution_options(synchronize_session=False)
+    )
+    db.commit()
+    return result.rowcount == 1
+
+
+@dataclass
+class Outcome:
+    """The result of one job attempt, written once."""
+
+    status: str  # succeeded | failed | cancelled
+    response: str = ""
+    finish_reason: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    timings: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+
+
+def finish(db: Session, job_id: str, worker_id: str, outcome: Outcome) -> bool:
+    """Store the outcome if this worker still holds the job; add the answer to its session. Never twice."""
+    now = utcnow()
+    first = outcome.timings.get("first_token_at")
+    result = db.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == "running")
+        .values(
+            status=outcome.status,
+            response=outcome.response,
+            finish_reason=outcome.finish_reason,
+            error_code=outcome.error_code,
+            error_message=outcome.error_message,
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            timings=outcome.timings,
+            model=outcome.model,
+            first_token_at=_from_epoch(first) if first else None,
+            finished_at=now,
+            lease_expires_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        db.rollback()
+        return False
+    job = db.get(Job, job_id)
+    if job is not None and job.session_id and outcome.status != "failed" and outcome.response:
+        db.add(Message(session_id=job.session_id, role="assistant", text=outcome.response, job_id=job_id))
+    db.commit()
+    return True
+
+
+def cancel(db: Session, job_id: str) -> Job | None:
+    """Cancel a job: a queued one never runs; a running one is flagged for its worker. None if unknown."""
+    now = utcnow()
+    db.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(status="cancelled", finish_reason="cancelled", response="", finished_at=now, cancel_requested=True)
+        .execution_options(synchronize_session=False)
+    )
+    db.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running")
+        .values(cancel_requested=True)
+        .execution_options(synchronize_session=False)
+    )
+    db.commit()
+    return db.execute(select(Job).where(Job.id == job_id).execution_options(populate_existing=True)).scalar_one_or_none()
+
+
+@dataclass
+class Reaped:
+    """What one reaper pass found."""
+
+    requeue: list[tuple[str, str]] = field(default_factory=list)  # (job id, queue)
+    stale_queued: list[tuple[str, str]] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def reap(db: Session, max_attempts: int, stale_queued_s: float) -> Reaped:
+    """Find jobs whose worker died (expired lease) and queued jobs that may have been lost with Redis."""
+    now = utcnow()
+    found = Reaped()
+    expired = db.execute(
+        select(Job.id, Job.queue, Job.attempts, Job.cancel_requested).where(
+            Job.status == "running", Job.lease_expires_at < now
+        )
+    ).all()
+    for job_id, queue, attempts, cancel_requested in expired:
+        if cancel_requested or attempts >= max_attempts:
+            status, code = ("cancelled", None) if cancel_requested else ("failed", "worker_lost")
+            done = db.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == "running", Job.lease_expires_at < now)
+                .values(status=status, finish_reason="cancelled" if cancel_requested else None, error_code=code,
+                        error_message=None if cancel_requested else f"the worker was lost {attempts} times",
+                        finished_at=now, lease_expires_at=None)
+                .execution_options(synchronize_session=False)
+            )
+            if done.rowcount:
+                (found.cancelled if cancel_requested else found.failed).append(job_id)
+        else:
+            found.requeue.append((job_id, queue))
+    stale_before = now - timedelta(seconds=stale_queued_s)
+    found.stale_queued = [
+        (job_id, queue)
+        for job_id, queue in db.execute(
+            select(Job.id, Job.queue).where(Job.status == "queued", Job.enqueued_at < stale_before)
+        ).all()
+    ]
+    db.commit()
+    return found
+
+
+def mark_enqueued(db: Session, job_ids: list[str]) -> None:
+    """Record when jobs were (re-)enqueued, so the reaper does not requeue them again at once."""
+    if job_ids:
+        db.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=utcnow())
+                   .execution_options(synchronize_session=False))
+        db.commit()
+
+
+def _from_epoch(value: float):  # type: ignore[no-untyped-def]
+    """Convert epoch seconds to the naive UTC datetime the database stores."""
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(value, UTC).replace(tzinfo=None)

@@ -1,0 +1,230 @@
+"""Pydantic models: the single description of API bodies, stream events and worker heartbeats."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+FINAL_STATUSES = ("succeeded", "failed", "cancelled")
+
+
+class Strict(BaseModel):
+    """A request body that rejects unknown fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerationParams(Strict):
+    """Decoding parameters accepted wherever a prompt is; out-of-range values are errors, never clamped."""
+
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy. Default 0.5.")
+    max_tokens: int | None = Field(None, ge=1, description="1 to VLGATE_MAX_TOKENS_LIMIT (2048). Default 512.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, le=1000, description="0 = off.")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(None, max_length=4)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        limit = (info.context or {}).get("max_tokens_limit")
+        if value is not None and limit is not None and value > limit:
+            raise ValueError(f"must be at most {limit}")
+        return value
+
+    def sampling(self, default_temperature: float, default_max_tokens: int) -> dict[str, Any]:
+        """Return the stored parameter set with the server defaults filled in."""
+        return {
+            "temperature": default_temperature if self.temperature is None else self.temperature,
+            "max_tokens": self.max_tokens or default_max_tokens,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "repetition_penalty": self.repetition_penalty,
+            "seed": self.seed,
+            "stop": self.stop or [],
+        }
+
+
+class ChatRequest(GenerationParams):
+    """A user turn: a prompt, optional images (base64), and the session it continues."""
+
+    prompt: str = Field(..., description="The question. Required, not blank.")
+    image: str | None = Field(None, description="One image, standard base64 (a data: URL prefix is accepted).")
+    images: list[str] | None = Field(None, description="Several images, same encoding.")
+    session_id: str | None = Field(None, pattern=r"^sess_[0-9a-f]{24}$")
+    wait: float | None = Field(None, ge=0, le=600, description="Seconds to wait for the answer before a 202.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str, info: ValidationInfo) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        limit = (info.context or {}).get("max_prompt_chars")
+        if limit is not None and len(value) > limit:
+            raise ValueError(f"is {len(value)} characters; the limit is {limit}")
+        return value
+
+    @model_validator(mode="after")
+    def _image_count(self, info: ValidationInfo) -> ChatRequest:
+        limit = (info.context or {}).get("max_images")
+        count = len(self.all_images())
+        if limit is not None and count > limit:
+            raise ValueError(f"images: {count} images given; the limit is {limit}")
+        return self
+
+    def all_images(self) -> list[str]:
+        """Return every image of the request, ``image`` first."""
+        return ([self.image] if self.image else []) + list(self.images or [])
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: HTTP, WebSocket, and stored job errors."""
+
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Links(BaseModel):
+    self: str
+    stream: str
+
+
+class JobAccepted(BaseModel):
+    """Answer to a submitted job that is not finished yet (HTTP 202)."""
+
+    job_id: str
+    session_id: str | None
+    status: JobStatus
+    links: Links
+
+
+class JobPublic(BaseModel):
+    """A job as clients see it; ``response`` holds the text so far while it runs."""
+
+    job_id: str
+    session_id: str | None
+    batch_id: str | None = None
+    status: JobStatus
+    response: str | None = None
+    finish_reason: str | None = None
+    error: ErrorDetail | None = None
+    usage: Usage | None = None
+    timings: dict[str, float | None] | None = None
+    model: str | None = None
+    attempts: int
+    created_at: str
+    started_at: str | None = None
+    first_token_at: str | None = None
+    finished_at: str | None = None
+    links: Links
+
+
+class ChatResponse(BaseModel):
+    """The seed-compatible answer of ``POST /api/chat``."""
+
+    response: str
+    session_id: str
+    job_id: str
+    status: JobStatus
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    timings: dict[str, float | None] | None = None
+    model: str | None = None
+
+
+class MessagePublic(BaseModel):
+    role: str
+    text: str
+    image_ids: list[str]
+    job_id: str | None = None
+    created_at: str
+
+
+class SessionPublic(BaseModel):
+    session_id: str
+    created_at: str
+    messages: list[MessagePublic]
+
+
+class WorkerStatus(BaseModel):
+    """One worker's heartbeat, as stored in Redis and shown by ``/api/health``."""
+
+    worker_id: str
+    hostname: str
+    pid: int
+    state: Literal["loading", "idle", "busy", "error"]
+    device: str | None = None
+    gpu_name: str | None = None
+    memory_used_mb: float | None = None
+    memory_total_mb: float | None = None
+    model: str
+    model_label: str | None = None
+    is_demo: bool = False
+    loaded: bool = False
+    error: str | None = None
+    fallback_reason: str | None = None
+    device_fallback_reason: str | None = None
+    jobs_done: int = 0
+    current_jobs: list[str] = []
+    started_at: float
+    last_heartbeat: float
+    age_s: float | None = None
+
+
+class ServiceCheck(BaseModel):
+    ok: bool
+    error: str | None = None
+
+
+class HealthPublic(BaseModel):
+    status: Literal["ok", "degraded", "down"]
+    model_ready: bool
+    model: str | None = None
+    database: ServiceCheck
+    redis: ServiceCheck
+    queues: dict[str, int]
+    workers: list[WorkerStatus]
+
+
+class TokenEvent(BaseModel):
+    type: Literal["token"] = "token"
+    seq: int
+    text: str
+
+
+class DoneEvent(BaseModel):
+    type: Literal["done"] = "done"
+    seq: int
+    response: str
+    finish_reason: str | None = None
+    status: JobStatus = "succeeded"
+    usage: Usage | None = None
+    timings: dict[str, float | None] | None = None
+
+
+class ErrorEvent(BaseModel):
+    type: Literal["error"] = "error"
+    seq: int
+    code: str
+    message: str
+
+
+StreamEvent = Annotated[TokenEvent | DoneEvent | ErrorEvent, Field(discriminator="type")]
