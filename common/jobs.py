@@ -32,7 +32,13 @@ def claim(db: Session, job_id: str, worker_id: str, lease_s: float, max_attempts
     db.commit()
     if result.rowcount != 1:
         return None
-    return db.execute(select(Job).where(Job.id == job_id).execution_options(populate_existing=True)).scalar_one()
+    return load(db, job_id)
+
+
+def load(db: Session, job_id: str) -> Job | None:
+    """Read a job fresh from the database (not from the session's identity map)."""
+    fresh = select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
+    return db.execute(fresh).scalar_one_or_none()
 
 
 def renew(db: Session, job_id: str, worker_id: str, lease_s: float) -> bool:
@@ -111,7 +117,7 @@ def cancel(db: Session, job_id: str) -> Job | None:
         .execution_options(synchronize_session=False)
     )
     db.commit()
-    return db.execute(select(Job).where(Job.id == job_id).execution_options(populate_existing=True)).scalar_one_or_none()
+    return load(db, job_id)
 
 
 @dataclass
