@@ -26,19 +26,26 @@ class GenerationParams(Strict):
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(None, max_length=4)
+    min_tokens: int = Field(0, ge=0, description="Suppress end-of-sequence before this many tokens (as in vLLM).")
 
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_as_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
-    @field_validator("max_tokens")
+    @field_validator("max_tokens", "min_tokens")
     @classmethod
     def _max_tokens_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
         limit = (info.context or {}).get("max_tokens_limit")
         if value is not None and limit is not None and value > limit:
             raise ValueError(f"must be at most {limit}")
         return value
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> GenerationParams:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError("min_tokens must not exceed max_tokens")
+        return self
 
     def sampling(self, default_temperature: float, default_max_tokens: int) -> dict[str, Any]:
         """Return the stored parameter set with the server defaults filled in."""
@@ -50,6 +57,7 @@ class GenerationParams(Strict):
             "repetition_penalty": self.repetition_penalty,
             "seed": self.seed,
             "stop": self.stop or [],
+            "min_tokens": self.min_tokens,
         }
 
 

@@ -103,7 +103,8 @@ class TextStream:
         """Move text from pending to emitted, honouring stop strings."""
         if self.stopped:
             return ""
-        pending = self._pending + new
+        # NUL cannot be stored in Postgres text; random demo weights do emit it.
+        pending = self._pending + new.replace("\x00", "\ufffd")
         if self.stop:
             window = self.text[-max(len(s) for s in self.stop) :] + pending
             cut = min((i for i in (window.find(s) for s in self.stop) if i >= 0), default=-1)

@@ -1,0 +1,1 @@
+"""Benchmarks of the engine, run as ``python -m bench.engine``."""

@@ -1,0 +1,94 @@
+"""Claim, lease, finish-once, cancel and reap on real SQLite and Postgres databases."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+from sqlalchemy import func, select, update
+
+from common import jobs
+from common.db import make_engine, make_session_factory
+from common.ids import new_id, utcnow
+from common.models import ChatSession, Job, Message
+
+
+def _job(db, **fields) -> str:
+    """Store a session, a user message and a queued job; return the job id."""
+    session = ChatSession(id=new_id("sess"))
+    db.add(session)
+    db.flush()
+    message = Message(session_id=session.id, role="user", text="hi")
+    db.add(message)
+    db.flush()
+    job = Job(id=new_id("job"), session_id=session.id, user_message_id=message.id, params={}, enqueued_at=utcnow(),
+              **fields)
+    db.add(job)
+    db.commit()
+    return job.id
+
+
+def test_claim_is_exclusive_and_finish_happens_once(database_url):
+    factory = make_session_factory(make_engine(database_url))
+    with factory() as db:
+        job_id = _job(db)
+        first = jobs.claim(db, job_id, "w1", lease_s=30, max_attempts=3)
+        assert first is not None and first.status == "running" and first.attempts == 1
+        assert jobs.claim(db, job_id, "w2", lease_s=30, max_attempts=3) is None
+        assert jobs.renew(db, job_id, "w1", 30) and not jobs.renew(db, job_id, "w2", 30)
+        assert jobs.finish(db, job_id, "w1", jobs.Outcome("succeeded", response="answer", finish_reason="stop"))
+        assert not jobs.finish(db, job_id, "w1", jobs.Outcome("succeeded", response="again"))
+        assert jobs.claim(db, job_id, "w2", lease_s=30, max_attempts=3) is None
+        stored = jobs.load(db, job_id)
+        assert stored.response == "answer" and stored.status == "succeeded" and stored.finished_at is not None
+        answers = db.scalar(select(func.count()).select_from(Message).where(Message.job_id == job_id))
+        assert answers == 1
+
+
+def test_expired_lease_is_reclaimed_and_the_old_worker_cannot_finish(database_url):
+    factory = make_session_factory(make_engine(database_url))
+    with factory() as db:
+        job_id = _job(db)
+        assert jobs.claim(db, job_id, "dead", lease_s=0.2, max_attempts=3)
+        time.sleep(0.4)
+        found = jobs.reap(db, max_attempts=3, stale_queued_s=60)
+        assert found.requeue == [(job_id, "chat")]
+        second = jobs.claim(db, job_id, "alive", lease_s=30, max_attempts=3)
+        assert second is not None and second.attempts == 2 and second.worker_id == "alive"
+        assert not jobs.finish(db, job_id, "dead", jobs.Outcome("succeeded", response="zombie"))
+        assert jobs.finish(db, job_id, "alive", jobs.Outcome("succeeded", response="real"))
+        assert jobs.load(db, job_id).response == "real"
+
+
+def test_cancel_queued_never_runs_and_cancel_running_is_flagged(database_url):
+    factory = make_session_factory(make_engine(database_url))
+    with factory() as db:
+        queued = _job(db)
+        assert jobs.cancel(db, queued).status == "cancelled"
+        assert jobs.claim(db, queued, "w", lease_s=30, max_attempts=3) is None
+        running = _job(db)
+        jobs.claim(db, running, "w", lease_s=30, max_attempts=3)
+        flagged = jobs.cancel(db, running)
+        assert flagged.status == "running" and flagged.cancel_requested
+        assert jobs.finish(db, running, "w", jobs.Outcome("cancelled", response="partial", finish_reason="cancelled"))
+        assert jobs.load(db, running).response == "partial"
+        assert jobs.cancel(db, "job_unknown") is None
+
+
+def test_reaper_fails_jobs_after_max_attempts_and_cancels_flagged_orphans(database_url):
+    factory = make_session_factory(make_engine(database_url))
+    with factory() as db:
+        exhausted = _job(db)
+        jobs.claim(db, exhausted, "w", lease_s=0.1, max_attempts=1)
+        orphan = _job(db)
+        jobs.claim(db, orphan, "w", lease_s=0.1, max_attempts=3)
+        jobs.cancel(db, orphan)
+        stale = _job(db)
+        db.execute(update(Job).where(Job.id == stale).values(enqueued_at=utcnow() - timedelta(seconds=120)))
+        db.commit()
+        time.sleep(0.3)
+        found = jobs.reap(db, max_attempts=1, stale_queued_s=60)
+        assert found.failed == [exhausted] and found.cancelled == [orphan] and found.requeue == []
+        assert found.stale_queued == [(stale, "chat")]
+        assert jobs.load(db, exhausted).error_code == "worker_lost"
+        assert jobs.load(db, orphan).status == "cancelled"

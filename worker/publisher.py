@@ -1,0 +1,50 @@
+"""Publish one job's stream events in order: tokens, then exactly one ``done`` or ``error``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common.bus import TokenBus
+from common.schemas import DoneEvent, ErrorEvent, TokenEvent
+
+
+class JobPublisher:
+    """Number a job's events after whatever an earlier attempt already published."""
+
+    def __init__(self, bus: TokenBus, job_id: str, attempt: int) -> None:
+        self.bus = bus
+        self.job_id = job_id
+        self.seq, _, _ = bus.snapshot(job_id)
+        self.closed = False
+        if attempt > 1 and self.seq > 0:
+            # A retried job starts its text over; followers drop what they showed so far.
+            self._send({"type": "reset", "seq": self._next(), "attempt": attempt})
+
+    def _next(self) -> int:
+        """Return the next sequence number."""
+        self.seq += 1
+        return self.seq
+
+    def _send(self, event: dict[str, Any]) -> None:
+        """Publish an event with its snapshot update."""
+        self.bus.publish(self.job_id, event)
+
+    def token(self, text: str) -> None:
+        """Publish a text delta."""
+        if text and not self.closed:
+            self._send(TokenEvent(seq=self._next(), text=text).model_dump())
+
+    def done(self, response: str, status: str, finish_reason: str | None, usage: dict | None,
+             timings: dict | None) -> None:
+        """Close the stream with the final answer."""
+        if not self.closed:
+            self.closed = True
+            event = DoneEvent(seq=self._next(), response=response, status=status, finish_reason=finish_reason,
+                              usage=usage, timings=timings)
+            self._send(event.model_dump())
+
+    def error(self, code: str, message: str) -> None:
+        """Close the stream with an error."""
+        if not self.closed:
+            self.closed = True
+            self._send(ErrorEvent(seq=self._next(), code=code, message=message).model_dump())

@@ -1,0 +1,176 @@
+"""The worker process: load the model once, beat, reap orphaned jobs, and run jobs handed over by Celery."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+import redis
+from celery import Celery
+
+from common import jobs
+from common.bus import TokenBus
+from common.config import Settings
+from common.db import make_engine, make_session_factory
+from common.queue import enqueue, queue_depths
+from common.schemas import WorkerStatus
+from worker.engine import Engine
+from worker.runner import JobRunner
+
+log = logging.getLogger(__name__)
+
+
+class WorkerService:
+    """Everything one worker process holds: the engine, its heartbeat, and the job runner."""
+
+    def __init__(self, settings: Settings, celery: Celery) -> None:
+        self.settings = settings
+        self.celery = celery
+        self.worker_id = settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.bus = TokenBus(redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5,
+                                                 health_check_interval=30))
+        self.db = make_session_factory(make_engine(settings.sqlalchemy_url))
+        self.engine: Engine | None = None
+        self.status = WorkerStatus(worker_id=self.worker_id, hostname=socket.gethostname(), pid=os.getpid(),
+                                   state="loading", model=settings.model, started_at=time.time(),
+                                   last_heartbeat=time.time())
+        self.runner = JobRunner(settings, lambda: self.engine, self.db, self.bus, self.worker_id, self._set_busy)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._monitor = threading.Thread(target=self._monitor_loop, name="vlgate-monitor", daemon=True)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start beating, then load the model (blocking: no task is taken before the model is ready)."""
+        self._monitor.start()
+        self.beat()
+        from worker.loader import load_engine
+
+        try:
+            engine = load_engine(self.settings)
+        except Exception as exc:  # noqa: BLE001 - reported through the heartbeat, not a silent death
+            log.exception("the model could not be loaded")
+            self._update(state="error", error=f"model load failed: {type(exc).__name__}: {exc}"[:1000])
+            return
+        self.engine = engine
+        info = engine.info
+        self._update(state="idle", loaded=True, model_label=info.label, is_demo=info.is_demo, device=info.device,
+                     fallback_reason=info.fallback_reason, device_fallback_reason=info.device_fallback_reason,
+                     gpu_name=_gpu_name(info.device))
+
+    def stop(self) -> None:
+        """Stop the background thread and remove this worker from the health report."""
+        self._stop.set()
+        try:
+            self.bus.forget_worker(self.worker_id)
+        except redis.RedisError:
+            pass
+
+    def run_job(self, job_id: str) -> str | None:
+        """Run one job; a GPU error marks the worker unhealthy instead of killing it silently."""
+        if self.status.state == "error" and self.engine is not None:
+            log.error("refusing job %s: worker is unhealthy (%s)", job_id, self.status.error)
+        try:
+            return self.runner.run(job_id)
+        except Exception as exc:
+            log.exception("GPU failure while running %s", job_id)
+            self._free_gpu()
+            self._update(state="error", error=f"GPU error: {type(exc).__name__}: {exc}"[:1000])
+            return "failed"
+
+    # -- heartbeat and reaper ---------------------------------------------------------------------
+    def beat(self) -> None:
+        """Publish this worker's status now."""
+        with self._lock:
+            self.status.jobs_done = self.runner.jobs_done
+            self.status.memory_used_mb, self.status.memory_total_mb = _gpu_memory(self.status.device)
+            try:
+                self.bus.beat(self.status, ttl_s=self.settings.heartbeat_s * 3)
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    def _update(self, **fields: object) -> None:
+        """Change the reported status and publish it at once."""
+        with self._lock:
+            for key, value in fields.items():
+                setattr(self.status, key, value)
+        self.beat()
+
+    def _set_busy(self, job_ids: list[str]) -> None:
+        """Report busy while jobs run, idle after."""
+        if self.status.state in ("idle", "busy"):
+            self._update(state="busy" if job_ids else "idle", current_jobs=job_ids)
+
+    def _monitor_loop(self) -> None:
+        """Beat every heartbeat interval and reap every reaper interval until stopped."""
+        next_reap = time.monotonic() + self.settings.reaper_interval_s
+        tick = min(self.settings.heartbeat_s, self.settings.reaper_interval_s)
+        next_beat = time.monotonic() + self.settings.heartbeat_s
+        while not self._stop.wait(min(tick, 1.0)):
+            now = time.monotonic()
+            if now >= next_beat:
+                self.beat()
+                next_beat = now + self.settings.heartbeat_s
+            if now >= next_reap and self.engine is not None:
+                try:
+                    self.reap()
+                except Exception:  # noqa: BLE001 - the next pass tries again
+                    log.warning("reaper pass failed", exc_info=True)
+                next_reap = now + self.settings.reaper_interval_s
+
+    def reap(self) -> jobs.Reaped:
+        """Re-enqueue jobs whose worker died, and queued jobs lost with a restarted Redis (one reaper at a time)."""
+        if not self.bus.lock("reaper", self.settings.reaper_interval_s * 0.9):
+            return jobs.Reaped()
+        with self.db() as db:
+            found = jobs.reap(db, self.settings.max_attempts, self.settings.stale_queued_s)
+            depths = queue_depths(self.celery) if found.stale_queued else {}
+            lost = [(j, q) for j, q in found.stale_queued if depths.get(q, 0) == 0]
+            for job_id, queue in found.requeue + lost:
+                log.warning("re-enqueueing orphaned job %s on %s", job_id, queue)
+                enqueue(self.celery, job_id, queue)
+            jobs.mark_enqueued(db, [j for j, _ in lost])
+        for job_id in found.failed:
+            seq = self.bus.snapshot(job_id)[0]
+            self.bus.publish(job_id, {"type": "error", "seq": seq + 1, "code": "worker_lost",
+                                      "message": "the job's worker was lost too many times"})
+        for job_id in found.cancelled:
+            seq, text, _ = self.bus.snapshot(job_id)
+            self.bus.publish(job_id, {"type": "done", "seq": seq + 1, "response": text, "status": "cancelled",
+                                      "finish_reason": "cancelled", "usage": None, "timings": None})
+        return found
+
+    def _free_gpu(self) -> None:
+        """Release cached GPU memory after a failure."""
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+
+
+def _gpu_name(device: str) -> str | None:
+    """Return the GPU's name, or None on the CPU."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device))
+
+
+def _gpu_memory(device: str | None) -> tuple[float | None, float | None]:
+    """Return (used, total) GPU memory in MiB, or (None, None) on the CPU."""
+    if not device or not device.startswith("cuda"):
+        return None, None
+    try:
+        import torch
+
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        return round((total - free) / 2**20, 1), round(total / 2**20, 1)
+    except Exception:  # noqa: BLE001 - a broken device reports no numbers
+        return None, None
