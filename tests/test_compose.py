@@ -1,0 +1,233 @@
+"""docker-compose.yml, Dockerfile and the entrypoint scripts, checked by parsing (no Docker engine runs here)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+APP_DIR = "/app"  # the Dockerfile's WORKDIR: where the repository lies inside the image
+SCRIPTS = sorted([*ROOT.glob("docker/*.sh"), *ROOT.glob("scripts/*.sh")])
+
+
+def _interpolate(value: Any) -> Any:
+    """Resolve compose's ${VAR:-default} / ${VAR-default} / ${VAR} as on a host that sets none of them."""
+    if isinstance(value, str):
+        return re.sub(r"\$\{(\w+)(?::?-([^}]*))?\}", lambda m: m.group(2) or "", value)
+    if isinstance(value, list):
+        return [_interpolate(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _interpolate(item) for key, item in value.items()}
+    return value
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    """The compose file with YAML anchors merged and variables at their defaults."""
+    return _interpolate(yaml.safe_load((ROOT / "docker-compose.yml").read_text()))
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The compose services by name."""
+    return compose["services"]
+
+
+def _env(service: dict[str, Any]) -> dict[str, str | None]:
+    """Return a service's environment as a dict, whichever of compose's two forms it uses."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        return dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+    return {key: None if value is None else str(value) for key, value in env.items()}
+
+
+def _gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return a service's NVIDIA device reservations."""
+    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    return [device for device in devices if device.get("driver") == "nvidia"]
+
+
+def _workers(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Return the services that reserve a GPU."""
+    return {name: service for name, service in services.items() if _gpu_devices(service)}
+
+
+def _app_services(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Return the services that run the vlgate image (everything but redis and postgres)."""
+    return {name: service for name, service in services.items() if name not in ("redis", "postgres")}
+
+
+def _script(command: list[str] | str) -> Path:
+    """Map a container command running /app/docker/x.sh to that script in the repository."""
+    first = command[0] if isinstance(command, list) else command.split()[0]
+    assert first.startswith(f"{APP_DIR}/docker/"), f"{command} does not run an entrypoint script"
+    return ROOT / first.removeprefix(f"{APP_DIR}/")
+
+
+def _seconds(duration: str) -> float:
+    """Parse a compose duration like '5m', '1m30s' or '40s'."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", str(duration))
+    assert parts, f"not a duration: {duration}"
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def _named_volumes(service: dict[str, Any], declared: dict[str, Any]) -> dict[str, str]:
+    """Return a service's named-volume mounts as {volume: container path}."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target = (volume.split(":")[:2] if isinstance(volume, str) else (volume["source"], volume["target"]))
+        if not source.startswith((".", "/", "~")):
+            assert source in declared, f"volume {source} is used but not declared"
+            mounts[source] = target
+    return mounts
+
+
+def test_services_present(services: dict[str, dict[str, Any]]) -> None:
+    assert {"redis", "postgres", "migrate", "web"} <= set(services)
+    assert _workers(services), "no worker reserves a GPU"
+
+
+def test_redis_persists_queued_tasks(services: dict[str, dict[str, Any]], compose: dict[str, Any]) -> None:
+    redis = services["redis"]
+    assert redis["image"].startswith("redis:")
+    command = " ".join(redis["command"]) if isinstance(redis["command"], list) else redis["command"]
+    assert "--appendonly yes" in command
+    assert "ping" in " ".join(redis["healthcheck"]["test"])
+    assert _named_volumes(redis, compose["volumes"]).get("redis-data") == "/data"
+
+
+def test_postgres_has_healthcheck_and_credentials(services: dict[str, dict[str, Any]]) -> None:
+    postgres = services["postgres"]
+    assert postgres["image"].startswith("postgres:")
+    env = _env(postgres)
+    assert env["POSTGRES_USER"] and env["POSTGRES_PASSWORD"] and env["POSTGRES_DB"]
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    assert any("/var/lib/postgresql/data" in str(volume) for volume in postgres["volumes"])
+
+
+def test_migrate_runs_once_after_postgres(services: dict[str, dict[str, Any]]) -> None:
+    migrate = services["migrate"]
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert migrate["restart"] == "no"
+    assert _script(migrate["command"]).name == "migrate.sh"
+
+
+def test_web(services: dict[str, dict[str, Any]]) -> None:
+    web = services["web"]
+    assert any(str(port).split(":")[-1] == "8501" for port in web["ports"])
+    assert web["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert web["depends_on"]["redis"]["condition"] == "service_healthy"
+    probe = " ".join(web["healthcheck"]["test"])
+    assert "localhost:8501/api/health" in probe and "urllib" in probe
+    assert _script(web["command"]).name == "web.sh"
+
+
+def test_one_worker_per_gpu(services: dict[str, dict[str, Any]]) -> None:
+    workers = _workers(services)
+    device_ids, worker_ids = [], []
+    for name, worker in workers.items():
+        (device,) = _gpu_devices(worker)
+        assert "gpu" in device["capabilities"], name
+        assert len(device["device_ids"]) == 1, f"{name}: one GPU per worker"
+        device_ids.append(str(device["device_ids"][0]))
+        env = _env(worker)
+        # The container sees only its reserved GPU, always as cuda:0, whatever its host index.
+        assert env["VLGATE_DEVICE"] == "cuda:0", name
+        assert env.get("CUDA_VISIBLE_DEVICES") in (None, "0"), name
+        worker_ids.append(env["VLGATE_WORKER_ID"])
+        assert _script(worker["command"]).name == "worker.sh"
+        assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert _seconds(worker["stop_grace_period"]) >= 60, f"{name}: let a generation finish on shutdown"
+    assert len(set(device_ids)) == len(device_ids), f"two workers share a GPU: {device_ids}"
+    assert len(set(worker_ids)) == len(worker_ids), f"worker ids repeat: {worker_ids}"
+    # A single-GPU host runs `docker compose up` as is: exactly the worker on GPU 0 has no profile.
+    default = [name for name, worker in workers.items() if not worker.get("profiles")]
+    assert [str(_gpu_devices(workers[name])[0]["device_ids"][0]) for name in default] == ["0"]
+
+
+def test_named_volumes_for_models_data_and_logs(services: dict[str, dict[str, Any]], compose: dict[str, Any]) -> None:
+    declared = compose["volumes"]
+    assert {"models", "data", "logs"} <= set(declared)
+    for name, worker in _workers(services).items():
+        mounts = _named_volumes(worker, declared)
+        env = _env(worker)
+        assert mounts.get("models") == env["HF_HOME"], f"{name}: the model cache must be the volume"
+        assert mounts.get("data") == env["VLGATE_DATA_DIR"], name
+        assert "logs" in mounts, name
+    used = {volume for service in services.values() for volume in _named_volumes(service, declared)}
+    assert used == set(declared), f"declared but unused: {set(declared) - used}"
+
+
+def test_app_services_share_one_image(services: dict[str, dict[str, Any]]) -> None:
+    apps = _app_services(services)
+    assert {(service.get("image"), repr(service.get("build"))) for service in apps.values()} == {
+        (apps["web"]["image"], repr(apps["web"]["build"]))}
+    build = apps["web"]["build"]
+    assert (ROOT / build["context"] / build.get("dockerfile", "Dockerfile")).is_file()
+
+
+def test_app_environment_points_at_the_compose_services(services: dict[str, dict[str, Any]]) -> None:
+    postgres_env = _env(services["postgres"])
+    for name, service in _app_services(services).items():
+        env = _env(service)
+        database = urlsplit(env["VLGATE_DATABASE_URL"])
+        assert database.scheme == "postgresql+psycopg" and database.hostname == "postgres", name
+        assert (database.username, database.password, database.path) == (
+            postgres_env["POSTGRES_USER"], postgres_env["POSTGRES_PASSWORD"], "/" + postgres_env["POSTGRES_DB"]), name
+        redis = urlsplit(env["VLGATE_REDIS_URL"])
+        assert redis.scheme == "redis" and redis.hostname == "redis", name
+        assert env["VLGATE_MODEL"] == "Qwen/Qwen3-VL-4B-Instruct", name
+        assert env["VLGATE_DEMO_FALLBACK"] == "0", f"{name}: production never serves the demo model silently"
+
+
+def test_entrypoint_scripts_exist_and_are_executable(services: dict[str, dict[str, Any]]) -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(rf"^WORKDIR {APP_DIR}$", dockerfile, re.M)
+    cmd = re.search(r"^CMD \[\"([^\"]+)\"", dockerfile, re.M)
+    commands = [service["command"] for service in _app_services(services).values()] + [[cmd.group(1)]]
+    for command in commands:
+        script = _script(command)
+        assert script.is_file() and script.stat().st_mode & 0o111, f"{script} is missing or not executable"
+
+
+def test_dockerfile_installs_pinned_torch_before_the_requirements() -> None:
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    assert lines[[i for i, line in enumerate(lines) if line.startswith("FROM ")][0]] == "FROM python:3.11-slim"
+    pinned = re.search(r"^torch==(\S+)", (ROOT / "requirements.txt").read_text(), re.M)
+    assert pinned, "requirements.txt pins torch"
+    torch = [i for i, line in enumerate(lines) if re.match(rf"RUN pip install .*torch=={re.escape(pinned[1])}\b", line)]
+    requirements = [i for i, line in enumerate(lines) if re.match(r"RUN pip install .*-r requirements\.txt", line)]
+    assert torch and requirements and torch[0] < requirements[0]
+    user = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert user and user[-1] not in ("root", "0"), "the image runs as a non-root user"
+
+
+def test_dockerignore_keeps_local_state_out() -> None:
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {".venv", "data", ".git"} <= ignored
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: str(path.relative_to(ROOT)))
+def test_shell_scripts_parse(script: Path) -> None:
+    text = script.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
+    assert script.stat().st_mode & 0o111, f"{script} is not executable"
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_entrypoints_run_the_agreed_servers() -> None:
+    web = (ROOT / "docker/web.sh").read_text()
+    assert re.search(r"^exec gunicorn -k gthread .*", web, re.M) and '"web:create_app()"' in web
+    worker = (ROOT / "docker/worker.sh").read_text()
+    assert re.search(r"^exec celery -A worker\.celery_app:app worker --pool solo", worker, re.M)
+    assert "-Q chat,batch" in worker
+    assert "alembic upgrade head" in (ROOT / "docker/migrate.sh").read_text()

@@ -1,0 +1,226 @@
+"""Fixtures and helpers for the web tests: a migrated SQLite file or Postgres database, a clean Redis DB,
+apps built from the factory, fake heartbeats and a simulated worker.
+
+Import the fixtures explicitly (``from tests.webfixtures import app, client, db_url``); the root
+conftest belongs to the whole suite.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import secrets
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from alembic import command
+from alembic.config import Config
+from flask import Flask
+from flask.testing import FlaskClient
+from PIL import Image
+from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.exc import OperationalError
+
+from common import jobs
+from common.bus import TokenBus
+from common.config import Settings
+from common.db import make_session_factory
+from common.models import ChatSession, Job, Message, MessageImage, StoredImage
+from common.schemas import WorkerStatus
+from web import create_app
+from web.extensions import Services
+
+ROOT = Path(__file__).resolve().parent.parent
+POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+REDIS_URL = "redis://127.0.0.1:6379/14"  # a DB of its own: each test flushes it
+DEAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1: connection refused at once
+TABLES = ("message_images", "jobs", "messages", "images", "sessions")  # children first
+WORKER_ID = "test-worker"
+
+
+def migrate(url: str) -> None:
+    """Create the schema as production does: Alembic upgrade head."""
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("sqlalchemy.url", url)
+    command.upgrade(config, "head")
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A migrated database per backend, made once per test session (tests empty it, see ``app``)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('web-db') / 'vlgate.db'}"
+        migrate(url)
+        yield url
+        return
+    name = f"vlgate_test_{secrets.token_hex(6)}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as exc:
+        admin.dispose()
+        pytest.skip(f"Postgres is not reachable at {POSTGRES_ADMIN_URL}: {exc}")
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        migrate(url)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def make_settings(db_url: str, tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings for a test app: its own database and Redis DB, a short model wait."""
+    values: dict[str, Any] = {
+        "database_url": db_url, "redis_url": REDIS_URL, "data_dir": tmp_path, "model": "demo",
+        "model_wait_s": 0.5, "chat_wait_s": 5.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def _empty_database(svc: Services) -> None:
+    """Delete every row, so each test starts from an empty schema."""
+    with svc.engine.begin() as conn:
+        for table in TABLES:
+            conn.execute(text(f"DELETE FROM {table}"))
+
+
+def build_app(db_url: str, tmp_path: Path, **overrides: Any) -> Flask:
+    """Create an app from the factory for these settings."""
+    app = create_app(make_settings(db_url, tmp_path, **overrides))
+    app.testing = True
+    return app
+
+
+@pytest.fixture
+def app(db_url: str, tmp_path: Path) -> Iterator[Flask]:
+    """An app on an empty database and an empty Redis DB."""
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    app = build_app(db_url, tmp_path)
+    _empty_database(services_of(app))
+    yield app
+    services_of(app).close()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    """A test client of the app."""
+    return app.test_client()
+
+
+def services_of(app: Flask) -> Services:
+    """Return an app's services."""
+    return app.extensions["vlgate"]
+
+
+def heartbeat(app: Flask, *, state: str = "idle", loaded: bool = True, error: str | None = None,
+              worker_id: str = WORKER_ID, ttl_s: float = 60.0) -> WorkerStatus:
+    """Store a worker heartbeat as a real worker would (a legitimate fake for the model gate)."""
+    now = time.time()
+    status = WorkerStatus(worker_id=worker_id, hostname="testhost", pid=4242, state=state, device="cpu",
+                          model="demo", model_label="demo (random weights, not a real model)", is_demo=True,
+                          loaded=loaded, error=error, started_at=now, last_heartbeat=now)
+    TokenBus(services_of(app).redis).beat(status, ttl_s)
+    return status
+
+
+def row_counts(app: Flask) -> dict[str, int]:
+    """Count the rows of every table the API writes."""
+    models = {"sessions": ChatSession, "messages": Message, "images": StoredImage,
+              "message_images": MessageImage, "jobs": Job}
+    with services_of(app).session_factory() as db:
+        return {name: db.scalar(select(func.count()).select_from(model)) or 0 for name, model in models.items()}
+
+
+def queue_length(app: Flask, queue: str = "chat") -> int:
+    """Return how many tasks wait in a Celery queue on the broker."""
+    return int(services_of(app).redis.llen(queue))
+
+
+# -- images ----------------------------------------------------------------------------------------
+
+
+def png_bytes(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    """Encode a solid-colour PNG."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    """Encode bytes as standard base64 text."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    """Build one PNG chunk with its CRC."""
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
+    """Build a tiny, well-formed PNG that declares a huge size (a decompression bomb)."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header)
+            + _chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _chunk(b"IEND", b""))
+
+
+# -- a simulated worker ----------------------------------------------------------------------------
+
+
+class SimulatedWorker(threading.Thread):
+    """Play a worker's part through the shared contract: claim the next queued job, stream, finish."""
+
+    def __init__(self, app: Flask, *, status: str = "succeeded", tokens: tuple[str, ...] = ("Hello", " world"),
+                 error_code: str | None = None, error_message: str | None = None, delay_s: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        svc = services_of(app)
+        self.factory = make_session_factory(svc.engine)
+        self.bus = svc.bus
+        self.status, self.tokens, self.delay_s = status, tokens, delay_s
+        self.error_code, self.error_message = error_code, error_message
+        self.job_id: str | None = None
+
+    def _next_job(self, timeout_s: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.factory() as db:
+                job_id = db.scalar(select(Job.id).where(Job.status == "queued").order_by(Job.created_at))
+            if job_id:
+                return job_id
+            time.sleep(0.02)
+        raise TimeoutError("no queued job appeared")
+
+    def run(self) -> None:
+        job_id = self.job_id = self._next_job()
+        with self.factory() as db:
+            assert jobs.claim(db, job_id, WORKER_ID, lease_s=30, max_attempts=3) is not None
+            seq = 0
+            for piece in self.tokens:
+                time.sleep(self.delay_s)
+                seq += 1
+                self.bus.publish(job_id, {"type": "token", "seq": seq, "text": piece})
+            answer = "".join(self.tokens)
+            outcome = jobs.Outcome(
+                status=self.status, response=answer if self.status != "failed" else "",
+                finish_reason="stop" if self.status == "succeeded" else None,
+                error_code=self.error_code, error_message=self.error_message,
+                prompt_tokens=12, completion_tokens=len(self.tokens),
+                timings={"queue_s": 0.01, "generate_s": 0.1, "first_token_at": time.time()}, model="demo",
+            )
+            assert jobs.finish(db, job_id, WORKER_ID, outcome)
+        # As a worker does: commit the row, then publish the end of the stream.
+        if self.status == "failed":
+            final = {"type": "error", "seq": seq + 1, "code": self.error_code, "message": self.error_message}
+        else:
+            final = {"type": "done", "seq": seq + 1, "response": answer, "status": self.status}
+        self.bus.publish(job_id, final)

@@ -1,0 +1,32 @@
+"""The web process: a Flask app factory serving the JSON API (and, later, the chat page and WebSockets).
+
+Start it with ``gunicorn "web:create_app()"``. It never imports torch or anything from ``worker/``.
+"""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from common.config import Settings, get_settings
+from web import api, errors, extensions, main
+
+MIB = 1024 * 1024
+
+
+def max_body_bytes(settings: Settings) -> int:
+    """Return the largest request body: every image at the byte limit, base64-encoded, plus 1 MiB."""
+    # Generous on purpose: a too-large image must reach the image check and get its own 413.
+    return settings.max_image_bytes * 4 // 3 * settings.max_images_per_request + MIB
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Create the web app for these settings (default: from the environment)."""
+    settings = settings or get_settings()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes(settings)
+    app.json.sort_keys = False  # keep the schemas' field order in answers
+    extensions.init_app(app, settings)
+    errors.init_app(app)
+    api.init_app(app)
+    main.init_app(app)
+    return app

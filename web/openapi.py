@@ -1,0 +1,140 @@
+"""The OpenAPI 3.1 document, generated from the pydantic models (never written by hand)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+
+from common.errors import ERROR_STATUS
+from common.schemas import (
+    ChatRequest,
+    ChatResponse,
+    ErrorResponse,
+    HealthPublic,
+    JobAccepted,
+    JobPublic,
+    SessionDeleted,
+    SessionPublic,
+)
+
+API_VERSION = "0.1.0"
+REF_TEMPLATE = "#/components/schemas/{model}"
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One endpoint: its request model, its answers by status, and the errors it can give."""
+
+    method: str
+    path: str
+    summary: str
+    responses: dict[int, tuple[type[BaseModel] | str | None, str]]
+    request: type[BaseModel] | None = None
+    errors: tuple[str, ...] = ()
+    path_params: tuple[str, ...] = field(default=())
+
+
+_SUBMIT_ERRORS = (
+    "invalid_json", "invalid_request", "invalid_image", "image_too_large", "payload_too_large",
+    "unsupported_media_type", "session_not_found", "model_not_loaded", "service_unavailable",
+)
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation("post", "/api/chat", "Ask about images and wait for the answer (seed-compatible)",
+              {200: (ChatResponse, "The finished answer (also when cancelled)."),
+               202: (JobAccepted, "Still running after `wait` seconds; poll the job.")},
+              request=ChatRequest,
+              errors=(*_SUBMIT_ERRORS, "generation_failed", "context_length_exceeded", "worker_lost")),
+    Operation("post", "/api/jobs", "Submit a chat turn as a job",
+              {202: (JobAccepted, "Queued or running; `Location` names the job."),
+               200: (JobPublic, "Finished within `wait` seconds.")},
+              request=ChatRequest, errors=_SUBMIT_ERRORS),
+    Operation("get", "/api/jobs/{job_id}", "Read a job; `response` is the text so far while it runs",
+              {200: (JobPublic, "The job.")}, errors=("job_not_found",), path_params=("job_id",)),
+    Operation("delete", "/api/jobs/{job_id}", "Cancel a job (a running one keeps its partial text)",
+              {200: (JobPublic, "The job after the cancellation request.")},
+              errors=("job_not_found", "service_unavailable"), path_params=("job_id",)),
+    Operation("get", "/api/sessions/{session_id}", "Read a conversation's turns",
+              {200: (SessionPublic, "The conversation.")}, errors=("session_not_found",),
+              path_params=("session_id",)),
+    Operation("delete", "/api/sessions/{session_id}", "Delete a conversation and cancel its unfinished jobs",
+              {200: (SessionDeleted, "Deleted.")}, errors=("session_not_found",), path_params=("session_id",)),
+    Operation("get", "/api/images/{image_id}", "Download a stored (normalised) image",
+              {200: ("image/png", "The PNG bytes.")}, errors=("not_found",), path_params=("image_id",)),
+    Operation("get", "/api/health", "Database, Redis, queue depths and worker heartbeats",
+              {200: (HealthPublic, "Everything is up and a worker has the model loaded."),
+               503: (HealthPublic, "Degraded or down; the same report says why.")}),
+    Operation("get", "/api/openapi.json", "This document", {200: ("application/json", "The OpenAPI document.")}),
+)
+
+
+def _schemas() -> tuple[dict[tuple[type[BaseModel], JsonSchemaMode], dict[str, Any]], dict[str, Any]]:
+    """Generate every model's schema once, with references into ``components.schemas``."""
+    inputs = {op.request for op in OPERATIONS if op.request is not None}
+    outputs = {model for op in OPERATIONS for model, _ in op.responses.values() if isinstance(model, type)}
+    outputs.add(ErrorResponse)
+    pairs: list[tuple[type[BaseModel], JsonSchemaMode]] = [(m, "validation") for m in sorted(inputs, key=str)]
+    pairs += [(m, "serialization") for m in sorted(outputs, key=str)]
+    refs, top = models_json_schema(pairs, ref_template=REF_TEMPLATE)
+    return refs, top.get("$defs", {})
+
+
+def _content(ref: dict[str, Any]) -> dict[str, Any]:
+    """Wrap a schema reference as a JSON body."""
+    return {"application/json": {"schema": ref}}
+
+
+def _operation(op: Operation, refs: dict[tuple[type[BaseModel], JsonSchemaMode], dict[str, Any]]) -> dict[str, Any]:
+    """Describe one endpoint."""
+    responses: dict[str, Any] = {}
+    for status, (model, description) in sorted(op.responses.items()):
+        answer: dict[str, Any] = {"description": description}
+        if isinstance(model, type):
+            answer["content"] = _content(refs[(model, "serialization")])
+        elif model is not None:
+            answer["content"] = {model: {}}
+        if status == 202:
+            answer["headers"] = {"Location": {"description": "The job's URL.", "schema": {"type": "string"}}}
+        responses[str(status)] = answer
+    error_ref = refs[(ErrorResponse, "serialization")]
+    by_status: dict[int, list[str]] = {}
+    for code in (*op.errors, "internal_error"):
+        by_status.setdefault(ERROR_STATUS[code], []).append(code)
+    for status, codes in sorted(by_status.items()):
+        if str(status) not in responses:
+            responses[str(status)] = {"description": "Error codes: " + ", ".join(codes), "content": _content(error_ref)}
+    spec: dict[str, Any] = {
+        "summary": op.summary,
+        "operationId": f"{op.method}_{op.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
+        "responses": responses,
+    }
+    if op.path_params:
+        spec["parameters"] = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in op.path_params
+        ]
+    if op.request is not None:
+        spec["requestBody"] = {"required": True, "content": _content(refs[(op.request, "validation")])}
+    return spec
+
+
+@lru_cache(maxsize=1)
+def openapi_document() -> dict[str, Any]:
+    """Return the OpenAPI 3.1 document of the JSON API."""
+    refs, components = _schemas()
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        paths.setdefault(op.path, {})[op.method] = _operation(op, refs)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "vlgate",
+            "version": API_VERSION,
+            "description": "Private gateway for Qwen3-VL. Every error is {\"error\": {\"code\", \"message\"}}.",
+        },
+        "paths": paths,
+        "components": {"schemas": components},
+    }

@@ -1,0 +1,1 @@
+"""Request logic behind the API routes (the routes stay thin)."""

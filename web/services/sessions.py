@@ -1,0 +1,57 @@
+"""Read and delete conversations, and serve their stored images."""
+
+from __future__ import annotations
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session, selectinload
+
+from common.bus import TokenBus
+from common.errors import ApiError
+from common.ids import isoformat
+from common.models import ChatSession, Job, Message, StoredImage
+from common.schemas import MessagePublic, SessionDeleted, SessionPublic
+from web.services.jobs import cancel_job
+
+
+def get_session(db: Session, session_id: str) -> SessionPublic:
+    """Return a conversation's turns in order, or raise 404 ``session_not_found``."""
+    chat = db.execute(
+        select(ChatSession)
+        .where(ChatSession.id == session_id)
+        .options(selectinload(ChatSession.messages).selectinload(Message.image_links))
+    ).scalar_one_or_none()
+    if chat is None:
+        raise ApiError("session_not_found", f"Session {session_id} does not exist.")
+    return SessionPublic(
+        session_id=chat.id,
+        created_at=isoformat(chat.created_at) or "",
+        messages=[
+            MessagePublic(role=m.role, text=m.text, image_ids=m.image_ids, job_id=m.job_id,
+                          created_at=isoformat(m.created_at) or "")
+            for m in chat.messages
+        ],
+    )
+
+
+def delete_session(db: Session, bus: TokenBus, session_id: str) -> SessionDeleted:
+    """Cancel a conversation's unfinished jobs and delete it with its messages (images are shared, so kept)."""
+    if db.get(ChatSession, session_id) is None:
+        raise ApiError("session_not_found", f"Session {session_id} does not exist.")
+    pending = db.execute(
+        select(Job.id).where(Job.session_id == session_id, Job.status.in_(("queued", "running")))
+    ).scalars().all()
+    for job_id in pending:
+        cancel_job(db, bus, job_id)
+    # A core delete: the database cascades to messages and their image links and detaches the jobs,
+    # which stay as the record of what ran.
+    db.execute(delete(ChatSession).where(ChatSession.id == session_id))
+    db.commit()
+    return SessionDeleted(session_id=session_id, deleted=True)
+
+
+def get_image(db: Session, image_id: str) -> bytes:
+    """Return a stored image's PNG bytes, or raise 404."""
+    data = db.execute(select(StoredImage.data).where(StoredImage.id == image_id)).scalar_one_or_none()
+    if data is None:
+        raise ApiError("not_found", f"Image {image_id} does not exist.")
+    return data
