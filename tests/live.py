@@ -9,11 +9,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import requests
+from sqlalchemy import create_engine, select
+
+from common.models import Job
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -149,3 +153,67 @@ def wait_for_web(base_url: str, timeout: float = 30) -> None:
     """Wait until the web answers HTTP."""
     wait_until(lambda: requests.get(f"{base_url}/api/health", timeout=2).status_code in (200, 503), timeout, 0.2,
                "the web server")
+
+
+class Stack:
+    """One running deployment: Redis, a worker, the web, and their database."""
+
+    def __init__(self, database_url: str, data_dir: Path, log_dir: Path) -> None:
+        self.database_url = database_url
+        self.log_dir = log_dir
+        self.redis_port = free_port()
+        self.web_port = free_port()
+        self.base = f"http://127.0.0.1:{self.web_port}"
+        self.env = stack_env(database_url, f"redis://127.0.0.1:{self.redis_port}/0", data_dir)
+        self.redis = redis_server(self.redis_port, log_dir).start()
+        self.web = web(self.web_port, self.env, log_dir).start()
+        self.workers: list[Service] = []
+        self.db = create_engine(database_url)
+
+    def add_worker(self, name: str) -> Service:
+        """Start a worker and wait until its model is loaded."""
+        service = worker(name, self.env, self.log_dir).start()
+        self.workers.append(service)
+        wait_for_worker(self.base, name)
+        return service
+
+    def job_row(self, job_id: str) -> Job:
+        """Read a job straight from the database."""
+        with self.db.connect() as conn:
+            return conn.execute(select(Job).where(Job.id == job_id)).one()
+
+    def poll(self, job_id: str, until: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+             timeout: float = 60) -> dict:
+        """GET the job until its status is one of `until`."""
+        def check() -> dict | None:
+            body = requests.get(f"{self.base}/api/jobs/{job_id}", timeout=10).json()
+            return body if body["status"] in until else None
+
+        return wait_until(check, timeout, 0.1, f"job {job_id} to reach {until}")
+
+    def stop(self) -> None:
+        for service in [*self.workers, self.web, self.redis]:
+            service.stop()
+        self.db.dispose()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {s.name}\n{s.log()}" for s in [*self.workers, self.web])
+
+
+@contextmanager
+def running_stack(kind: str, tmp: Path, data_dir: Path, worker_name: str) -> Iterator[Stack]:
+    """Run a whole deployment on a fresh `kind` ("sqlite" or "postgres") database; tear it all down after."""
+    from tests.conftest import fresh_database
+
+    databases = fresh_database(kind, tmp)
+    deployment = Stack(next(databases), data_dir, tmp)
+    try:
+        wait_for_web(deployment.base)
+        deployment.add_worker(worker_name)
+        yield deployment
+    except Exception:
+        print(deployment.logs())
+        raise
+    finally:
+        deployment.stop()
+        next(databases, None)

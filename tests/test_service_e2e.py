@@ -9,77 +9,22 @@ from pathlib import Path
 
 import pytest
 import requests
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import func, select
 
 from common.models import Job, Message
 from tests import live
-from tests.conftest import fresh_database, make_image
+from tests.conftest import make_image
+from tests.live import Stack
 
 pytestmark = pytest.mark.slow
-
-
-class Stack:
-    """One running deployment: Redis, a worker, the web, and their database."""
-
-    def __init__(self, database_url: str, data_dir: Path, log_dir: Path) -> None:
-        self.database_url = database_url
-        self.log_dir = log_dir
-        self.redis_port = live.free_port()
-        self.web_port = live.free_port()
-        self.base = f"http://127.0.0.1:{self.web_port}"
-        self.env = live.stack_env(database_url, f"redis://127.0.0.1:{self.redis_port}/0", data_dir)
-        self.redis = live.redis_server(self.redis_port, log_dir).start()
-        self.web = live.web(self.web_port, self.env, log_dir).start()
-        self.workers: list[live.Service] = []
-        self.db = create_engine(database_url)
-
-    def add_worker(self, name: str) -> live.Service:
-        """Start a worker and wait until its model is loaded."""
-        service = live.worker(name, self.env, self.log_dir).start()
-        self.workers.append(service)
-        live.wait_for_worker(self.base, name)
-        return service
-
-    def job_row(self, job_id: str) -> Job:
-        """Read a job straight from the database."""
-        with self.db.connect() as conn:
-            return conn.execute(select(Job).where(Job.id == job_id)).one()
-
-    def poll(self, job_id: str, until: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
-             timeout: float = 60) -> dict:
-        """GET the job until its status is one of `until`."""
-        def check() -> dict | None:
-            body = requests.get(f"{self.base}/api/jobs/{job_id}", timeout=10).json()
-            return body if body["status"] in until else None
-
-        return live.wait_until(check, timeout, 0.1, f"job {job_id} to reach {until}")
-
-    def stop(self) -> None:
-        for service in [*self.workers, self.web, self.redis]:
-            service.stop()
-        self.db.dispose()
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {s.name}\n{s.log()}" for s in [*self.workers, self.web])
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
     """A full deployment per database backend (the demo checkpoint is shared through data_dir)."""
     tmp = tmp_path_factory.mktemp(f"stack-{request.param}")
-    databases = fresh_database(request.param, tmp)
-    url = next(databases)
-    deployment = Stack(url, data_dir, tmp)
-    try:
-        live.wait_for_web(deployment.base)
-        deployment.add_worker(f"w1-{request.param}")
+    with live.running_stack(request.param, tmp, data_dir, f"w1-{request.param}") as deployment:
         yield deployment
-    except Exception:
-        print(deployment.logs())
-        raise
-    finally:
-        deployment.stop()
-        next(databases, None)
 
 
 def b64_image(size=(96, 64), color=(20, 120, 220)) -> str:
