@@ -27,11 +27,12 @@ class TokenBus:
         self.redis = client
 
     # -- events ------------------------------------------------------------------------------------
-    def publish(self, job_id: str, event: dict[str, Any]) -> None:
+    def publish(self, job_id: str, event: dict[str, Any], length: int | None = None) -> None:
         """Publish one event and update the snapshot in the same transaction.
 
         Token text is appended to the snapshot; ``done``/``error`` are stored whole as the final event;
-        ``reset`` (a retried job starting over) clears the text.
+        ``reset`` (a retried job starting over) clears the text. ``length`` is the text's length in
+        characters after this event; the list of lengths lets a follower resume after any ``seq``.
         """
         key = f"{PREFIX}:job:{job_id}"
         pipe = self.redis.pipeline(transaction=True)
@@ -39,11 +40,13 @@ class TokenBus:
             pipe.append(f"{key}:text", event["text"])
         elif event["type"] == "reset":
             pipe.set(f"{key}:text", "")
+            pipe.set(f"{key}:reset", event["seq"])
         else:
             pipe.set(f"{key}:final", json.dumps(event))
         pipe.set(f"{key}:seq", event["seq"])
+        pipe.rpush(f"{key}:lengths", -1 if length is None else length)
         pipe.publish(job_channel(job_id), json.dumps(event))
-        for suffix in ("text", "seq", "final"):
+        for suffix in ("text", "seq", "final", "reset", "lengths"):
             pipe.expire(f"{key}:{suffix}", SNAPSHOT_TTL_S)
         pipe.execute()
 
@@ -56,6 +59,23 @@ class TokenBus:
             text.decode("utf-8", "replace") if isinstance(text, bytes) else (text or ""),
             json.loads(final) if final else None,
         )
+
+    def resume_point(self, job_id: str, after: int) -> int | None:
+        """Return how many characters of the current text a follower that saw events up to ``after`` has.
+
+        None means it cannot be told (its text belongs to an attempt that was since reset, or the
+        length was not recorded): the follower must drop its text and take the whole of it again.
+        """
+        if after <= 0:
+            return 0
+        key = f"{PREFIX}:job:{job_id}"
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.get(f"{key}:reset")
+        pipe.lindex(f"{key}:lengths", after - 1)
+        reset, length = pipe.execute()
+        if (reset is not None and int(reset) > after) or length is None or int(length) < 0:
+            return None
+        return int(length)
 
     def subscribe(self, job_id: str) -> redis.client.PubSub:
         """Subscribe to a job's events (do this before reading the snapshot)."""

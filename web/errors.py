@@ -110,6 +110,19 @@ def _internal_error(exc: Exception) -> Response:
     return error_response("internal_error", "An internal error occurred; it has been logged.", 500)
 
 
+def error_parts(exc: Exception) -> tuple[str, str]:
+    """Return (code, message) for an exception, for channels without an HTTP status (WebSockets)."""
+    if isinstance(exc, ApiError | ImageError):
+        return exc.code, exc.message
+    if isinstance(exc, ValidationError):
+        return "invalid_request", validation_message(exc)
+    if isinstance(exc, redis.RedisError | BrokerError | OperationalError):
+        log.warning("a backing service is unavailable: %s", exc)
+        return "service_unavailable", "A backing service is unavailable; try again shortly."
+    log.exception("unhandled error", exc_info=exc)
+    return "internal_error", "An internal error occurred; it has been logged."
+
+
 def init_app(app: Flask) -> None:
     """Register the error handlers; Flask picks the most specific one for each exception."""
     app.register_error_handler(ApiError, _api_error)

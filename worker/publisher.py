@@ -14,10 +14,12 @@ class JobPublisher:
     def __init__(self, bus: TokenBus, job_id: str, attempt: int) -> None:
         self.bus = bus
         self.job_id = job_id
-        self.seq, _, _ = bus.snapshot(job_id)
+        self.seq, text, _ = bus.snapshot(job_id)
+        self.length = len(text)  # characters of text after the last event, for resuming followers
         self.closed = False
         if attempt > 1 and self.seq > 0:
             # A retried job starts its text over; followers drop what they showed so far.
+            self.length = 0
             self._send({"type": "reset", "seq": self._next(), "attempt": attempt})
 
     def _next(self) -> int:
@@ -27,11 +29,12 @@ class JobPublisher:
 
     def _send(self, event: dict[str, Any]) -> None:
         """Publish an event with its snapshot update."""
-        self.bus.publish(self.job_id, event)
+        self.bus.publish(self.job_id, event, self.length)
 
     def token(self, text: str) -> None:
         """Publish a text delta."""
         if text and not self.closed:
+            self.length += len(text)
             self._send(TokenEvent(seq=self._next(), text=text).model_dump())
 
     def done(self, response: str, status: str, finish_reason: str | None, usage: dict | None,

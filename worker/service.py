@@ -134,13 +134,13 @@ class WorkerService:
                 enqueue(self.celery, job_id, queue)
             jobs.mark_enqueued(db, [j for j, _ in lost])
         for job_id in found.failed:
-            seq = self.bus.snapshot(job_id)[0]
+            seq, text, _ = self.bus.snapshot(job_id)
             self.bus.publish(job_id, {"type": "error", "seq": seq + 1, "code": "worker_lost",
-                                      "message": "the job's worker was lost too many times"})
+                                      "message": "the job's worker was lost too many times"}, len(text))
         for job_id in found.cancelled:
             seq, text, _ = self.bus.snapshot(job_id)
             self.bus.publish(job_id, {"type": "done", "seq": seq + 1, "response": text, "status": "cancelled",
-                                      "finish_reason": "cancelled", "usage": None, "timings": None})
+                                      "finish_reason": "cancelled", "usage": None, "timings": None}, len(text))
         return found
 
     def _free_gpu(self) -> None:

@@ -200,6 +200,6 @@ def _announce_cancelled(bus: TokenBus, job: Job) -> None:
     try:
         seq = bus.snapshot(job.id)[0] + 1
         bus.publish(job.id, {"type": "done", "seq": seq, "response": "", "finish_reason": "cancelled",
-                             "status": "cancelled", "usage": None, "timings": None})
+                             "status": "cancelled", "usage": None, "timings": None}, 0)
     except redis.RedisError as exc:  # followers still find the final state in the database
         log.warning("could not announce the cancellation of job %s: %s", job.id, exc)

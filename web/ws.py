@@ -1,0 +1,124 @@
+"""WebSockets: ``/ws/chat`` (many turns on one socket) and ``/ws/jobs/<id>?after=<seq>`` (follow any job)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from flask import Blueprint, Flask, request
+from flask_sock import Sock
+
+from common import jobs
+from common.errors import error_body
+from web.errors import error_parts
+from web.extensions import Services, services
+from web.services.jobs import cancel_job
+from web.services.stream import StreamHub
+from web.services.submit import submit_chat
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("ws", __name__)
+sock = Sock()
+# How long one loop turn waits for Redis before it looks at the client's messages again.
+POLL_S = 0.02
+
+
+def error_event(code: str, message: str, job_id: str | None = None) -> dict[str, Any]:
+    """Build a WebSocket error frame: the stream's ``error`` event carrying the common error shape."""
+    event: dict[str, Any] = {"type": "error", "code": code, "message": message, **error_body(code, message)}
+    if job_id:
+        event["job_id"] = job_id
+    return event
+
+
+class Connection:
+    """One client socket: its followed jobs and the messages it sends."""
+
+    def __init__(self, ws: Any, svc: Services) -> None:
+        self.ws = ws
+        self.svc = svc
+        self.hub = StreamHub(svc.bus, svc.session_factory, self.send)
+
+    def send(self, event: dict[str, Any]) -> None:
+        """Send one JSON frame."""
+        self.ws.send(json.dumps(event, ensure_ascii=False))
+
+    def handle(self, raw: str | bytes) -> None:
+        """Act on one client message: a chat turn or a cancel."""
+        try:
+            message = json.loads(raw)
+        except ValueError:
+            self.send(error_event("invalid_json", "Messages must be JSON objects."))
+            return
+        kind = message.pop("type", None) if isinstance(message, dict) else None
+        if kind == "chat":
+            self.chat(message)
+        elif kind == "cancel":
+            self.cancel(str(message.get("job_id", "")))
+        elif kind == "ping":
+            self.send({"type": "pong"})
+        else:
+            self.send(error_event("invalid_request", "type: must be 'chat', 'cancel' or 'ping'."))
+
+    def chat(self, body: dict[str, Any]) -> None:
+        """Submit a turn exactly like POST /api/jobs, then stream its answer."""
+        try:
+            with self.svc.session_factory() as db:
+                submitted = submit_chat(db, self.svc, body)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an error frame; the socket lives on
+            self.send(error_event(*error_parts(exc)))
+            return
+        job = submitted.job
+        self.send({"type": "accepted", "job_id": job.id, "session_id": job.session_id})
+        self.hub.follow(job.id)
+
+    def cancel(self, job_id: str) -> None:
+        """Cancel a job; its stream ends with a ``done`` whose status is cancelled."""
+        try:
+            with self.svc.session_factory() as db:
+                cancel_job(db, self.svc.bus, job_id)
+        except Exception as exc:  # noqa: BLE001 - reported to the client
+            self.send(error_event(*error_parts(exc), job_id=job_id))
+
+    def serve(self, until_idle: bool) -> None:
+        """Relay events and read client messages until the client leaves (or, if asked, nothing is followed)."""
+        try:
+            while not (until_idle and not self.hub.followers):
+                self.hub.pump(POLL_S)
+                raw = self.ws.receive(timeout=0)
+                while raw is not None:
+                    self.handle(raw)
+                    raw = self.ws.receive(timeout=0)
+        finally:
+            self.hub.close()
+
+
+@sock.route("/ws/chat", bp=bp)
+def chat_socket(ws: Any) -> None:
+    """Carry many chat turns on one socket."""
+    Connection(ws, services()).serve(until_idle=False)
+
+
+@sock.route("/ws/jobs/<job_id>", bp=bp)
+def job_socket(ws: Any, job_id: str) -> None:
+    """Follow one job from any point, then close."""
+    svc = services()
+    connection = Connection(ws, svc)
+    after = request.args.get("after", default=0, type=int) or 0
+    with svc.session_factory() as db:
+        exists = jobs.load(db, job_id) is not None
+    if not exists:
+        connection.send(error_event("job_not_found", f"Job {job_id} does not exist.", job_id))
+        return
+    connection.hub.follow(job_id, after)
+    connection.serve(until_idle=True)
+
+
+def init_app(app: Flask) -> None:
+    """Register the WebSocket routes (gunicorn needs the gthread worker class for them)."""
+    app.config.setdefault("SOCK_SERVER_OPTIONS", {"ping_interval": 25})
+    sock.init_app(app)
+    app.register_blueprint(bp)
+
