@@ -77,11 +77,28 @@ class MessageImage(Base):
     image_id: Mapped[str] = mapped_column(ForeignKey("images.id"), index=True)
 
 
+class Batch(Base):
+    """A bulk job: many items (each a Job with ``batch_id``), run on the ``batch`` queue."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    source: Mapped[str] = mapped_column(String(16), default="json")  # "json" | "upload"
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # shared parameters (uploads)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class Job(Base):
     """One generation: its state, lease, result and timings. The primary key is the queue's job id."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_status_lease", "status", "lease_expires_at"),)
+    __table_args__ = (
+        Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        Index("ix_jobs_queue_status_created", "queue", "status", "created_at"),
+        Index("ix_jobs_batch_index", "batch_id", "batch_index"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     session_id: Mapped[str | None] = mapped_column(
@@ -90,8 +107,14 @@ class Job(Base):
     user_message_id: Mapped[int | None] = mapped_column(
         ForeignKey("messages.id", ondelete="SET NULL"), nullable=True
     )
-    batch_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+    batch_id: Mapped[str | None] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE"), nullable=True, index=True
+    )
     batch_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # A batch item has no session: its single turn is stored on the job itself.
+    prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
+    image_ids: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    item_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
     queue: Mapped[str] = mapped_column(String(16), default="chat")
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -115,6 +115,74 @@ class Links(BaseModel):
     stream: str
 
 
+class BatchItemCreate(GenerationParams):
+    """One item of a JSON batch: an image (or several) and a prompt, with its own parameters."""
+
+    prompt: str = Field(..., description="The question for this item.")
+    image: str | None = None
+    images: list[str] | None = None
+    name: str | None = Field(None, max_length=255, description="A label echoed in the results (e.g. a file name).")
+
+    _prompt_not_blank = field_validator("prompt")(ChatRequest._prompt_not_blank.__func__)  # type: ignore[attr-defined]
+
+    def all_images(self) -> list[str]:
+        """Return every image of the item, ``image`` first."""
+        return ([self.image] if self.image else []) + list(self.images or [])
+
+
+class BatchCreate(Strict):
+    """``POST /api/batches`` as JSON: the items, and how long to wait (like ``/api/chat``)."""
+
+    items: list[dict[str, Any]] = Field(..., min_length=1, description="BatchItemCreate objects, in order.")
+    wait: float | None = Field(None, ge=0, le=600)
+
+
+class BatchCounts(BaseModel):
+    queued: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+
+class BatchLinks(BaseModel):
+    self: str
+    results: str
+
+
+class BatchPublic(BaseModel):
+    """A batch's progress: counts per status; ``status`` is ``running`` until every item is final."""
+
+    batch_id: str
+    status: Literal["running", "completed", "cancelled"]
+    total: int
+    counts: BatchCounts
+    progress: float = Field(..., description="Final items / total, 0 to 1.")
+    created_at: str
+    links: BatchLinks
+
+
+class BatchItemResult(BaseModel):
+    """One item of a batch's results, in input order."""
+
+    index: int
+    job_id: str
+    name: str | None = None
+    status: JobStatus
+    response: str | None = None
+    finish_reason: str | None = None
+    error: ErrorDetail | None = None
+    usage: Usage | None = None
+
+
+class BatchResults(BaseModel):
+    """``POST /api/batch`` (seed form) and ``GET /api/batches/<id>/results``: items in input order."""
+
+    batch_id: str
+    status: Literal["running", "completed", "cancelled"] = "completed"
+    results: list[BatchItemResult]
+
+
 class JobAccepted(BaseModel):
     """Answer to a submitted job that is not finished yet (HTTP 202)."""
 
