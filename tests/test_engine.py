@@ -235,3 +235,31 @@ def test_bad_images_work_or_fail_with_named_error(engine, settings, name):
     request = GenerationRequest(name, [turn], SamplingParams(temperature=0, max_tokens=4))
     result = engine.generate([request])[0]
     assert result.finish_reason in ("length", "stop") and result.completion_tokens > 0
+
+
+def test_requests_admitted_between_steps_match_their_solo_greedy_output(engine):
+    """Continuous batching: rows that join a running batch (and rows that leave it) change nothing."""
+    first = [ask("a", size=(320, 200), max_tokens=30), ask("b", size=(64, 48), max_tokens=6)]
+    later = [ask("c", size=(256, 512), max_tokens=20), ask("d", size=(32, 32), color=(9, 9, 9), max_tokens=25)]
+    alone = {r.request_id: engine.generate([r])[0].text for r in first + later}
+    calls = {"n": 0}
+
+    def admit(running: int) -> list[GenerationRequest]:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            return later[:1]
+        if calls["n"] == 9:
+            return later[1:]
+        return []
+
+    out = engine.generate(first, admit=admit)
+    assert [r.request_id for r in out] == ["a", "b", "c", "d"]
+    for result in out:
+        assert result.text == alone[result.request_id], result.request_id
+    assert out[1].finish_reason == "length" and out[1].completion_tokens == 6
+
+
+def test_admit_starts_work_when_the_batch_is_empty(engine):
+    waiting = [ask("late", max_tokens=5)]
+    out = engine.generate([], admit=lambda running: [waiting.pop()] if waiting else [])
+    assert [r.request_id for r in out] == ["late"] and out[0].completion_tokens == 5

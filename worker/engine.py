@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from worker.batch import RunningBatch
 from worker.sampling import RowSampler, SamplingParams
 from worker.textstream import TextStream, TokenDecoder
 
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 DeltaCallback = Callable[[str, str], None]
 FinishCallback = Callable[["GenerationResult"], None]
 CancelCheck = Callable[[list[str]], set[str]]
+AdmitCallback = Callable[[int], list["GenerationRequest"]]
 
 
 @dataclass
@@ -149,15 +151,44 @@ class Engine:
         on_delta: DeltaCallback | None = None,
         on_finish: FinishCallback | None = None,
         check_cancelled: CancelCheck | None = None,
+        admit: AdmitCallback | None = None,
     ) -> list[GenerationResult]:
-        """Generate all requests together; each streams, stops and finishes on its own."""
+        """Generate requests together; each streams, stops and finishes on its own.
+
+        ``admit(running_rows)`` is asked between decoding steps for more requests to join the running
+        batch (continuous batching); the answers of admitted requests are returned after the others.
+        """
         results: dict[str, GenerationResult] = {}
+        order = [r.request_id for r in requests]
 
         def finish(result: GenerationResult) -> None:
             results[result.request_id] = result
             if on_finish:
                 on_finish(result)
 
+        batch: RunningBatch | None = None
+        incoming = list(requests)
+        while True:
+            if incoming:
+                order += [r.request_id for r in incoming if r.request_id not in order]
+                fresh = self._prefill(incoming, finish)
+                incoming = []
+                if fresh is not None:
+                    batch = fresh if batch is None else batch.extend(fresh)
+            if batch is not None:
+                tokens = self._choose(batch, on_delta, finish, check_cancelled)
+                if not batch.rows:
+                    batch = None
+            if admit:
+                incoming = admit(len(batch.rows) if batch else 0)
+            if batch is not None:
+                batch.step(self.model, tokens)
+            elif not incoming:
+                break
+        return [results[rid] for rid in order if rid in results]
+
+    def _prefill(self, requests: Sequence[GenerationRequest], finish: FinishCallback) -> RunningBatch | None:
+        """Prepare and prefill requests; one that cannot run fails alone with a named error."""
         rows, prepared = [], []
         for request in requests:
             try:
@@ -174,55 +205,31 @@ class Engine:
             ids = features["input_ids"][0].tolist()
             rows.append(_Row(request, prompt_len, self.decoder, self.device, ids))
             prepared.append(features)
-        if rows:
-            self._run(rows, prepared, on_delta, finish, check_cancelled)
-        return [results[r.request_id] for r in requests]
+        if not rows:
+            return None
+        return RunningBatch.prefill(self.model, rows, self._collate(prepared))
 
-    def _run(self, rows: list[_Row], prepared: list[dict], on_delta: DeltaCallback | None,
-             finish: FinishCallback, check_cancelled: CancelCheck | None) -> None:
-        """Prefill the padded batch, then decode step by step, dropping rows as they finish."""
-        inputs = self._collate(prepared)
-        position_ids, _ = self.model.model.get_rope_index(
-            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-            image_grid_thw=inputs.get("image_grid_thw"), attention_mask=inputs["attention_mask"],
-        )
-        out = self.model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :]
-        attention = inputs["attention_mask"]
-        next_pos = position_ids.amax(dim=(0, 2)) + 1
-        while True:
-            cancelled = check_cancelled([r.request.request_id for r in rows]) if check_cancelled else set()
-            tokens, keep = [], []
-            for i, row in enumerate(rows):
-                token = None
-                if row.request.request_id in cancelled:
-                    row.finish_reason = "cancelled"
-                else:
-                    token = self._advance(row, logits[i], on_delta)
-                if row.finish_reason:
-                    tail = row.stream.finish()
-                    if tail and on_delta:
-                        on_delta(row.request.request_id, tail)
-                    finish(row.result())
-                else:
-                    keep.append(i)
-                    tokens.append(token)
-            if not keep:
-                return
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                attention, next_pos = attention[index], next_pos[index]
-                rows = [rows[i] for i in keep]
-            step_ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
-            attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=1)
-            positions = next_pos.view(1, -1, 1).expand(3, -1, 1)
-            out = self.model(input_ids=step_ids, attention_mask=attention, position_ids=positions,
-                             past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            logits = out.logits[:, -1, :]
-            next_pos = next_pos + 1
+    def _choose(self, batch: RunningBatch, on_delta: DeltaCallback | None, finish: FinishCallback,
+                check_cancelled: CancelCheck | None) -> list[int]:
+        """Pick every row's next token; finish and drop the rows that are done; return the others' tokens."""
+        cancelled = check_cancelled([r.request.request_id for r in batch.rows]) if check_cancelled else set()
+        tokens, keep = [], []
+        for i, row in enumerate(batch.rows):
+            token = None
+            if row.request.request_id in cancelled:
+                row.finish_reason = "cancelled"
+            else:
+                token = self._advance(row, batch.logits[i], on_delta)
+            if row.finish_reason:
+                tail = row.stream.finish()
+                if tail and on_delta:
+                    on_delta(row.request.request_id, tail)
+                finish(row.result())
+            else:
+                keep.append(i)
+                tokens.append(token)
+        batch.keep(keep)
+        return tokens
 
     def _advance(self, row: _Row, logits: torch.Tensor, on_delta: DeltaCallback | None) -> int:
         """Pick the row's next token, stream its text, and decide whether the row is done."""
