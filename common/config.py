@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     default_temperature: float = Field(0.5, ge=0.0, le=2.0)
     max_prompt_chars: int = Field(32_000, gt=0)
     max_batch: int = Field(8, gt=0, description="Largest number of requests generated together.")
+    chat_reserve: int = Field(4, ge=0, description="Extra rows kept for chat jobs when a batch fills max_batch.")
+    admit_interval_s: float = Field(0.05, gt=0, description="How often a busy worker looks for jobs to admit.")
+    task_budget_s: float = Field(120.0, gt=0, description="After this long one task stops admitting new jobs.")
 
     # Service behaviour
     heartbeat_s: float = Field(30.0, gt=0, description="Seconds between worker heartbeats.")

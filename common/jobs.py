@@ -53,6 +53,48 @@ def renew(db: Session, job_id: str, worker_id: str, lease_s: float) -> bool:
     return result.rowcount == 1
 
 
+def claim_next(db: Session, worker_id: str, lease_s: float, max_attempts: int, limit: int,
+               queues: tuple[str, ...]) -> list[Job]:
+    """Claim up to `limit` waiting jobs, oldest first, taking `queues` in priority order."""
+    claimed: list[Job] = []
+    for queue in queues:
+        while len(claimed) < limit:
+            candidates = db.execute(
+                select(Job.id)
+                .where(Job.queue == queue, Job.status == "queued", Job.cancel_requested.is_(False),
+                       Job.attempts < max_attempts)
+                .order_by(Job.created_at, Job.batch_index)
+                .limit((limit - len(claimed)) * 2)
+            ).scalars().all()
+            before = len(claimed)
+            for job_id in candidates:
+                job = claim(db, job_id, worker_id, lease_s, max_attempts)
+                if job is not None:
+                    claimed.append(job)
+                    if len(claimed) == limit:
+                        break
+            if len(claimed) == before:  # nothing left here, or others took all of it
+                break
+    return claimed
+
+
+def renew_many(db: Session, job_ids: list[str], worker_id: str, lease_s: float) -> set[str]:
+    """Extend this worker's leases on several jobs; return the ids it still holds."""
+    if not job_ids:
+        return set()
+    db.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.worker_id == worker_id, Job.status == "running")
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+        .execution_options(synchronize_session=False)
+    )
+    held = db.execute(
+        select(Job.id).where(Job.id.in_(job_ids), Job.worker_id == worker_id, Job.status == "running")
+    ).scalars().all()
+    db.commit()
+    return set(held)
+
+
 @dataclass
 class Outcome:
     """The result of one job attempt, written once."""

@@ -92,3 +92,19 @@ def test_reaper_fails_jobs_after_max_attempts_and_cancels_flagged_orphans(databa
         assert found.stale_queued == [(stale, "chat")]
         assert jobs.load(db, exhausted).error_code == "worker_lost"
         assert jobs.load(db, orphan).status == "cancelled"
+
+
+def test_claim_next_takes_chat_before_batch_oldest_first_and_skips_taken_jobs(database_url):
+    factory = make_session_factory(make_engine(database_url))
+    with factory() as db:
+        batch = [_job(db, queue="batch") for _ in range(3)]
+        chat = [_job(db, queue="chat") for _ in range(2)]
+        jobs.claim(db, chat[0], "other", lease_s=30, max_attempts=3)
+        cancelled = _job(db, queue="chat")
+        jobs.cancel(db, cancelled)
+        taken = jobs.claim_next(db, "me", 30, 3, limit=2, queues=("chat", "batch"))
+        assert [j.id for j in taken] == [chat[1], batch[0]]
+        assert [j.id for j in jobs.claim_next(db, "me", 30, 3, limit=5, queues=("batch",))] == batch[1:]
+        assert jobs.claim_next(db, "me", 30, 3, limit=5, queues=("chat", "batch")) == []
+        held = jobs.renew_many(db, [chat[0], chat[1], batch[0]], "me", 30)
+        assert held == {chat[1], batch[0]}

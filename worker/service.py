@@ -72,7 +72,11 @@ class WorkerService:
     def run_job(self, job_id: str) -> str | None:
         """Run one job; a GPU error marks the worker unhealthy instead of killing it silently."""
         if self.status.state == "error" and self.engine is not None:
-            log.error("refusing job %s: worker is unhealthy (%s)", job_id, self.status.error)
+            # An unhealthy GPU takes no work: the job stays queued in the database, where healthy
+            # workers admit it (and the reaper re-enqueues it if the queue runs dry).
+            log.error("not running job %s: worker is unhealthy (%s)", job_id, self.status.error)
+            time.sleep(1.0)
+            return None
         try:
             return self.runner.run(job_id)
         except Exception as exc:
