@@ -26,6 +26,8 @@ PATHS = {
     "/api/chat": {"post"}, "/api/jobs": {"post"}, "/api/jobs/{job_id}": {"get", "delete"},
     "/api/sessions/{session_id}": {"get", "delete"}, "/api/images/{image_id}": {"get"},
     "/api/health": {"get"}, "/api/openapi.json": {"get"},
+    "/api/batch": {"post"}, "/api/batches": {"post"}, "/api/batches/{batch_id}": {"get", "delete"},
+    "/api/batches/{batch_id}/results": {"get"},
 }
 
 

@@ -34,17 +34,20 @@ def error_response(code: str, message: str, status: int | None = None) -> Respon
     return response
 
 
-def validation_message(exc: ValidationError) -> str:
-    """Describe pydantic errors as ``field: problem`` pairs a client can act on."""
+def validation_message(exc: ValidationError, prefix: str = "") -> str:
+    """Describe pydantic errors as ``field: problem`` pairs a client can act on.
+
+    ``prefix`` places the fields inside a larger body, e.g. ``items.3`` for one item of a batch.
+    """
     parts = []
     for err in exc.errors(include_url=False, include_input=False):
-        field = ".".join(str(part) for part in err["loc"])
+        field = ".".join(str(part) for part in (*([prefix] if prefix else []), *err["loc"]))
         if err["type"] == "extra_forbidden":
             problem = "unknown field (extra inputs are not permitted)"
         else:
             problem = err["msg"].removeprefix("Value error, ")
-        if not field:  # a model-level validator already names its field in the message
-            parts.append(problem)
+        if not err["loc"]:  # a model-level validator already names its field in the message
+            parts.append(f"{prefix}.{problem}" if prefix else problem)
         else:
             parts.append(f"{field}: {problem}")
     return "; ".join(parts) or "the request body is invalid"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -11,6 +12,10 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from common.errors import ERROR_STATUS
 from common.schemas import (
+    BatchCreate,
+    BatchItemCreate,
+    BatchPublic,
+    BatchResults,
     ChatRequest,
     ChatResponse,
     ErrorResponse,
@@ -20,9 +25,12 @@ from common.schemas import (
     SessionDeleted,
     SessionPublic,
 )
+from web.services.upload import FORM_FIELDS
 
 API_VERSION = "0.1.0"
 REF_TEMPLATE = "#/components/schemas/{model}"
+
+Ref = Callable[[type[BaseModel]], dict[str, Any]]  # a request model -> its schema reference
 
 
 @dataclass(frozen=True)
@@ -36,12 +44,44 @@ class Operation:
     request: type[BaseModel] | None = None
     errors: tuple[str, ...] = ()
     path_params: tuple[str, ...] = field(default=())
+    query_params: tuple[tuple[str, dict[str, Any], str], ...] = ()  # (name, schema, description)
+    body: Callable[[Ref], dict[str, Any]] | None = None  # a request body other than one JSON model
+    body_models: tuple[type[BaseModel], ...] = ()  # the models ``body`` refers to
+    text_media: tuple[str, ...] = ()  # other media types the 200 answer can have (``?format=``)
+    location: str = "The job's URL."
 
 
 _SUBMIT_ERRORS = (
     "invalid_json", "invalid_request", "invalid_image", "image_too_large", "payload_too_large",
     "unsupported_media_type", "session_not_found", "model_not_loaded", "service_unavailable",
 )
+
+_WAIT = ("wait", {"type": "number", "minimum": 0, "maximum": 600},
+         "Seconds to wait for every item to be final before answering 202 (a JSON body's `wait` wins).")
+_FORMAT = ("format", {"type": "string", "enum": ["json", "jsonl", "csv"], "default": "json"},
+           "`json` (BatchResults), `jsonl` (one BatchItemResult per line) or `csv`.")
+_BATCH_ERRORS = ("invalid_json", "invalid_request", "payload_too_large", "unsupported_media_type", "model_not_loaded",
+                 "service_unavailable")
+
+
+def _json_batch(ref: Ref) -> dict[str, Any]:
+    """A JSON batch: an object with ``items``, or a bare array of items."""
+    items = {"type": "array", "items": ref(BatchItemCreate), "minItems": 1}
+    return {"application/json": {"schema": {"oneOf": [ref(BatchCreate), items]}}}
+
+
+def _batch_body(ref: Ref) -> dict[str, Any]:
+    """A JSON batch, or a bulk upload: the text fields first, then any number of image files."""
+    fields = BatchItemCreate.model_json_schema()["properties"]
+    properties = {name: fields[name] for name in FORM_FIELDS}
+    properties["stop"] = {"type": "array", "items": {"type": "string", "maxLength": 64}, "maxItems": 4,
+                          "description": "Repeat the field for several stop strings."}
+    properties["files"] = {"type": "array", "items": {"type": "string", "format": "binary"},
+                           "description": "One image per part, in item order; the item name is the file name."}
+    upload = {"type": "object", "required": ["prompt", "files"], "properties": properties,
+              "description": "Send every text field before the first file."}
+    return {**_json_batch(ref), "multipart/form-data": {"schema": upload}}
+
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation("post", "/api/chat", "Ask about images and wait for the answer (seed-compatible)",
@@ -65,6 +105,25 @@ OPERATIONS: tuple[Operation, ...] = (
               {200: (SessionDeleted, "Deleted.")}, errors=("session_not_found",), path_params=("session_id",)),
     Operation("get", "/api/images/{image_id}", "Download a stored (normalised) image",
               {200: ("image/png", "The PNG bytes.")}, errors=("not_found",), path_params=("image_id",)),
+    Operation("post", "/api/batch", "Run a JSON array of items and wait for every result (seed-compatible)",
+              {200: (BatchResults, "Every item is final; the results are in input order."),
+               202: (BatchPublic, "Still running after `wait` seconds (default CHAT_WAIT_S); poll the batch.")},
+              body=_json_batch, body_models=(BatchCreate, BatchItemCreate), query_params=(_WAIT,),
+              errors=_BATCH_ERRORS, location="The batch's URL."),
+    Operation("post", "/api/batches", "Create a batch from JSON items or a multipart upload of many images",
+              {202: (BatchPublic, "Stored and queued; `Location` names the batch."),
+               200: (BatchResults, "Every item was final within `wait` seconds.")},
+              body=_batch_body, body_models=(BatchCreate, BatchItemCreate), query_params=(_WAIT,),
+              errors=_BATCH_ERRORS, location="The batch's URL."),
+    Operation("get", "/api/batches/{batch_id}", "Read a batch's progress: counts per status",
+              {200: (BatchPublic, "The batch.")}, errors=("batch_not_found",), path_params=("batch_id",)),
+    Operation("get", "/api/batches/{batch_id}/results", "Read a batch's results in input order",
+              {200: (BatchResults, "One result per item, in input order.")},
+              text_media=("application/x-ndjson", "text/csv"), query_params=(_FORMAT,),
+              errors=("batch_not_found", "invalid_request"), path_params=("batch_id",)),
+    Operation("delete", "/api/batches/{batch_id}", "Cancel what has not run of a batch",
+              {200: (BatchPublic, "The batch after the cancellation.")},
+              errors=("batch_not_found", "service_unavailable"), path_params=("batch_id",)),
     Operation("get", "/api/health", "Database, Redis, queue depths and worker heartbeats",
               {200: (HealthPublic, "Everything is up and a worker has the model loaded."),
                503: (HealthPublic, "Degraded or down; the same report says why.")}),
@@ -75,6 +134,7 @@ OPERATIONS: tuple[Operation, ...] = (
 def _schemas() -> tuple[dict[tuple[type[BaseModel], JsonSchemaMode], dict[str, Any]], dict[str, Any]]:
     """Generate every model's schema once, with references into ``components.schemas``."""
     inputs = {op.request for op in OPERATIONS if op.request is not None}
+    inputs |= {model for op in OPERATIONS for model in op.body_models}
     outputs = {model for op in OPERATIONS for model, _ in op.responses.values() if isinstance(model, type)}
     outputs.add(ErrorResponse)
     pairs: list[tuple[type[BaseModel], JsonSchemaMode]] = [(m, "validation") for m in sorted(inputs, key=str)]
@@ -97,8 +157,11 @@ def _operation(op: Operation, refs: dict[tuple[type[BaseModel], JsonSchemaMode],
             answer["content"] = _content(refs[(model, "serialization")])
         elif model is not None:
             answer["content"] = {model: {}}
+        if status == 200:
+            for media in op.text_media:
+                answer["content"][media] = {"schema": {"type": "string"}}
         if status == 202:
-            answer["headers"] = {"Location": {"description": "The job's URL.", "schema": {"type": "string"}}}
+            answer["headers"] = {"Location": {"description": op.location, "schema": {"type": "string"}}}
         responses[str(status)] = answer
     error_ref = refs[(ErrorResponse, "serialization")]
     by_status: dict[int, list[str]] = {}
@@ -112,12 +175,19 @@ def _operation(op: Operation, refs: dict[tuple[type[BaseModel], JsonSchemaMode],
         "operationId": f"{op.method}_{op.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
         "responses": responses,
     }
-    if op.path_params:
-        spec["parameters"] = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in op.path_params
-        ]
+    parameters = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in op.path_params
+    ]
+    parameters += [
+        {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+        for name, schema, description in op.query_params
+    ]
+    if parameters:
+        spec["parameters"] = parameters
     if op.request is not None:
         spec["requestBody"] = {"required": True, "content": _content(refs[(op.request, "validation")])}
+    elif op.body is not None:
+        spec["requestBody"] = {"required": True, "content": op.body(lambda model: refs[(model, "validation")])}
     return spec
 
 

@@ -1,4 +1,4 @@
-"""Read a request's JSON body strictly: the right content type, valid JSON, an object."""
+"""Read a request's JSON body strictly: the right content type, valid JSON, the expected type."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a numb
               bool: "a boolean", type(None): "null"}
 
 
-def json_object() -> dict[str, Any]:
-    """Return the request body as a JSON object, or raise 415/400 with a stable code."""
+def json_value() -> Any:
+    """Return the request body as any JSON value, or raise 415/400 with a stable code."""
     if not request.is_json:
         got = request.mimetype or "no content type"
         raise ApiError("unsupported_media_type", f"Send the body as application/json (got {got}).")
@@ -23,6 +23,17 @@ def json_object() -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError("invalid_json", f"The body is not valid JSON: {exc}.") from exc
+    return body
+
+
+def describe_json_type(value: Any) -> str:
+    """Name a JSON value's type for an error message ("an array", "null", ...)."""
+    return JSON_TYPES.get(type(value), "that")
+
+
+def json_object() -> dict[str, Any]:
+    """Return the request body as a JSON object, or raise 415/400 with a stable code."""
+    body = json_value()
     if not isinstance(body, dict):
-        raise ApiError("invalid_request", f"The body must be a JSON object, not {JSON_TYPES.get(type(body), 'that')}.")
+        raise ApiError("invalid_request", f"The body must be a JSON object, not {describe_json_type(body)}.")
     return body

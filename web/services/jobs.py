@@ -191,15 +191,15 @@ def cancel_job(db: Session, bus: TokenBus, job_id: str) -> Job:
     if job.status == "running":
         bus.request_cancel(job_id)
     elif status_before == "queued" and job.status == "cancelled":
-        _announce_cancelled(bus, job)
+        announce_cancelled(bus, job.id)
     return job
 
 
-def _announce_cancelled(bus: TokenBus, job: Job) -> None:
+def announce_cancelled(bus: TokenBus, job_id: str) -> None:
     """End the stream of a job cancelled before any worker took it (no worker will publish for it)."""
     try:
-        seq = bus.snapshot(job.id)[0] + 1
-        bus.publish(job.id, {"type": "done", "seq": seq, "response": "", "finish_reason": "cancelled",
+        seq = bus.snapshot(job_id)[0] + 1
+        bus.publish(job_id, {"type": "done", "seq": seq, "response": "", "finish_reason": "cancelled",
                              "status": "cancelled", "usage": None, "timings": None}, 0)
     except redis.RedisError as exc:  # followers still find the final state in the database
-        log.warning("could not announce the cancellation of job %s: %s", job.id, exc)
+        log.warning("could not announce the cancellation of job %s: %s", job_id, exc)

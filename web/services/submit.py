@@ -8,17 +8,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from common.config import Settings
 from common.errors import ApiError
 from common.ids import new_id, utcnow
 from common.images import NormalizedImage, image_from_base64
-from common.models import ChatSession, Job, Message, MessageImage, StoredImage
+from common.models import ChatSession, Job, Message, MessageImage
 from common.queue import CHAT_QUEUE, enqueue
 from common.schemas import ChatRequest
 from web.extensions import Services
+from web.services.images import store_image
 from web.services.workers import require_model
 
 log = logging.getLogger(__name__)
@@ -33,14 +33,18 @@ class Submitted:
     wait_s: float | None  # the client's ``wait``, if it gave one
 
 
-def parse_chat_request(body: Any, settings: Settings) -> ChatRequest:
-    """Validate a chat body against the server's limits (raises pydantic's ValidationError)."""
-    context = {
+def validation_context(settings: Settings) -> dict[str, Any]:
+    """Return the server limits that the request schemas check (see ``common.schemas``)."""
+    return {
         "max_tokens_limit": settings.max_tokens_limit,
         "max_prompt_chars": settings.max_prompt_chars,
         "max_images": settings.max_images_per_request,
     }
-    return ChatRequest.model_validate(body, context=context)
+
+
+def parse_chat_request(body: Any, settings: Settings) -> ChatRequest:
+    """Validate a chat body against the server's limits (raises pydantic's ValidationError)."""
+    return ChatRequest.model_validate(body, context=validation_context(settings))
 
 
 def decode_images(request: ChatRequest, settings: Settings) -> list[NormalizedImage]:
@@ -51,37 +55,6 @@ def decode_images(request: ChatRequest, settings: Settings) -> list[NormalizedIm
             image_from_base64(value, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
         )
     return images
-
-
-def image_id(sha256: str) -> str:
-    """Return the content-derived id of a stored image."""
-    return "img_" + sha256[:24]
-
-
-def store_image(db: Session, image: NormalizedImage) -> str:
-    """Store an image once (by sha256) and return its id; a concurrent insert of the same image is fine."""
-    existing = db.execute(select(StoredImage.id).where(StoredImage.sha256 == image.sha256)).scalar_one_or_none()
-    if existing is not None:
-        return existing
-    row = StoredImage(
-        id=image_id(image.sha256),
-        sha256=image.sha256,
-        data=image.data,
-        width=image.width,
-        height=image.height,
-        size_bytes=len(image.data),
-        source_format=image.source_format[:16],
-    )
-    try:
-        # A savepoint, so losing the race to another request does not abort our transaction.
-        with db.begin_nested():
-            db.add(row)
-    except IntegrityError:
-        existing = db.execute(select(StoredImage.id).where(StoredImage.sha256 == image.sha256)).scalar_one_or_none()
-        if existing is None:
-            raise
-        return existing
-    return row.id
 
 
 def _session_exists(db: Session, session_id: str) -> bool:

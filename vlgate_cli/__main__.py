@@ -1,0 +1,5 @@
+"""``python -m vlgate_cli``."""
+
+from vlgate_cli.cli import main
+
+main()

@@ -1,0 +1,109 @@
+"""Commands: ``batch`` (upload a folder and collect results), ``status``, ``results`` and ``cancel``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from vlgate_cli.batch import BatchOptions, BatchRun
+from vlgate_cli.client import Client
+
+DEFAULT_SERVER = "http://127.0.0.1:8501"
+
+server_option = click.option("--server", default=DEFAULT_SERVER, show_default=True, metavar="URL",
+                             help="Address of the vlgate web server.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main() -> None:
+    """Run bulk image batches against a vlgate server."""
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--prompt", "-p", required=True, help="The question asked about every image.")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Results file (JSONL). Rerunning with the same file resumes.")
+@server_option
+@click.option("--temperature", type=click.FloatRange(0, 2), help="0 = greedy. Server default 0.5.")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Longest answer. Server default 512.")
+@click.option("--min-tokens", type=click.IntRange(min=0), help="Shortest answer.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True))
+@click.option("--top-k", type=click.IntRange(0, 1000), help="0 = off.")
+@click.option("--repetition-penalty", type=click.FloatRange(0, 2, min_open=True))
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Same seed, same answer.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable, up to 4).")
+@click.option("--recursive", "-r", is_flag=True, help="Include images in subfolders (named by relative path).")
+@click.option("--chunk", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Files per server batch; a folder of 10,000 images becomes several batches.")
+@click.option("--cancel-on-exit", is_flag=True,
+              help="On Ctrl-C cancel the batch on the server (default: leave it running and resume it next time).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def batch(directory: Path, prompt: str, out: Path, server: str, temperature: float | None, max_tokens: int | None,
+          min_tokens: int | None, top_p: float | None, top_k: int | None, repetition_penalty: float | None,
+          seed: int | None, stop: tuple[str, ...], recursive: bool, chunk: int, cancel_on_exit: bool,
+          quiet: bool) -> None:
+    """Describe every image in DIRECTORY; write one JSON line per image to --out.
+
+    \b
+    Images: png, jpg, jpeg, bmp, webp, gif (hidden files skipped), sorted by relative path, which is
+    also each result's "name". Running the same command again skips files that already succeeded in
+    --out, retries failed and cancelled ones, and picks up a batch left running by an interrupted run
+    (recorded in <out>.state.json) instead of uploading it again.
+
+    \b
+    Exit codes: 0 every file succeeded; 1 some failed (see their "error"); 2 the run could not
+    proceed (server unreachable, model not loaded, request refused); 130 interrupted.
+    """
+    if not prompt.strip():
+        raise click.BadParameter("must not be blank", param_hint="--prompt")
+    params = {"temperature": temperature, "max_tokens": max_tokens, "min_tokens": min_tokens, "top_p": top_p,
+              "top_k": top_k, "repetition_penalty": repetition_penalty, "seed": seed}
+    fields = [(name, str(value)) for name, value in params.items() if value is not None]
+    fields += [("stop", value) for value in stop]
+    options = BatchOptions(directory=directory, prompt=prompt, out=out, params=fields, recursive=recursive,
+                           chunk=chunk, cancel_on_exit=cancel_on_exit, quiet=quiet)
+    sys.exit(BatchRun(options, Client(server)).run())
+
+
+@main.command()
+@click.argument("batch_id")
+@server_option
+@click.option("--json", "as_json", is_flag=True, help="Print the server's answer as JSON.")
+def status(batch_id: str, server: str, as_json: bool) -> None:
+    """Show a batch's progress."""
+    batch = Client(server).batch(batch_id)
+    if as_json:
+        click.echo(json.dumps(batch, indent=2))
+        return
+    counts = batch.get("counts", {})
+    detail = ", ".join(f"{name} {counts.get(name, 0)}" for name in
+                       ("queued", "running", "succeeded", "failed", "cancelled"))
+    click.echo(f"{batch['batch_id']}: {batch['status']}, {batch.get('progress', 0):.0%} of {batch.get('total')} "
+               f"items final ({detail})")
+
+
+@main.command()
+@click.argument("batch_id")
+@server_option
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "json"]), default="jsonl", show_default=True)
+def results(batch_id: str, server: str, fmt: str) -> None:
+    """Print a batch's results, in input order, on stdout."""
+    with Client(server).raw_results(batch_id, fmt) as response:
+        for block in response.iter_content(64 * 1024):
+            sys.stdout.buffer.write(block)
+    sys.stdout.flush()
+
+
+@main.command()
+@click.argument("batch_id")
+@server_option
+def cancel(batch_id: str, server: str) -> None:
+    """Cancel the items of a batch that have not run yet."""
+    batch = Client(server).cancel(batch_id)
+    counts = batch.get("counts", {})
+    click.echo(f"{batch['batch_id']}: {batch['status']} ({counts.get('succeeded', 0)} succeeded, "
+               f"{counts.get('cancelled', 0)} cancelled, {counts.get('running', 0)} still stopping)")
