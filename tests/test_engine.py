@@ -85,8 +85,10 @@ def test_top_k_one_is_greedy(engine):
 def test_max_tokens_stop_and_cancel_end_only_their_own_row(engine):
     base = [ask(f"row{i}", color=(30 * i, 200, 40), max_tokens=24) for i in range(4)]
     alone = [engine.generate([r])[0] for r in base]
-    stop_text = alone[1].text[8:11]
-    assert stop_text and stop_text not in alone[1].text[:8]
+    text = alone[1].text
+    # A stop string that first occurs mid-answer (random weights repeat themselves a lot).
+    start = next(i for i in range(4, len(text) - 3) if text.find(text[i:i + 3]) == i)
+    stop_text = text[start:start + 3]
     base[0].params.max_tokens = 5
     base[1].params.stop = [stop_text]
     steps = {"n": 0}

@@ -13,7 +13,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # Bump when the recipe changes so cached checkpoints are rebuilt.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 DEMO_LABEL = "demo (tiny random-weight Qwen3-VL: answers are random text)"
 
 SPECIAL_TOKENS = [
@@ -138,6 +138,7 @@ def _build_model(out: Path, tokenizer) -> None:
     )
     torch.manual_seed(0)
     model = Qwen3VLForConditionalGeneration(config).eval()
+    special = set(ids.values()) - {ids["<|im_end|>"], ids["<|endoftext|>"]}
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<|endoftext|>"],
         pad_token_id=ids["<|endoftext|>"],
@@ -146,8 +147,29 @@ def _build_model(out: Path, tokenizer) -> None:
         temperature=0.7,
         top_p=0.8,
         top_k=20,
+        # Random weights would otherwise emit lone UTF-8 fragments and control bytes (shown as �) and
+        # vision placeholders; real checkpoints need no such list.
+        suppress_tokens=sorted(special | set(_unprintable_tokens(tokenizer))),
     )
     model.save_pretrained(out)
+
+
+def _unprintable_tokens(tokenizer) -> list[int]:  # type: ignore[no-untyped-def]
+    """Return the ids of tokens whose bytes are not complete, printable UTF-8 text on their own."""
+    from worker.textstream import TokenDecoder
+
+    decoder = TokenDecoder(tokenizer)
+    bad = []
+    for token_id in range(len(tokenizer)):
+        raw = decoder.token_bytes(token_id)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            bad.append(token_id)
+            continue
+        if any(ch < " " and ch not in "\n\t" for ch in text):
+            bad.append(token_id)
+    return bad
 
 
 def _build_image_processor(out: Path) -> None:

@@ -125,6 +125,8 @@ class Engine:
         self.decoder = TokenDecoder(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_ids = _eos_ids(model, self.tokenizer)
+        suppress = getattr(getattr(model, "generation_config", None), "suppress_tokens", None)
+        self.suppressed = torch.tensor(suppress, dtype=torch.long, device=self.device) if suppress else None
 
     # -- prompts ---------------------------------------------------------------------------------
     def render(self, messages: Sequence[Turn]) -> tuple[str, list[Image.Image]]:
@@ -233,7 +235,7 @@ class Engine:
 
     def _advance(self, row: _Row, logits: torch.Tensor, on_delta: DeltaCallback | None) -> int:
         """Pick the row's next token, stream its text, and decide whether the row is done."""
-        token = row.sampler.pick(logits, self.eos_ids, row.generated)
+        token = row.sampler.pick(logits, self.eos_ids, row.generated, self.suppressed)
         row.generated += 1
         if row.first_token_at is None:
             row.first_token_at = time.time()

@@ -39,10 +39,13 @@ class RowSampler:
             self.generator.manual_seed(seed)
         self.seen = set(prompt_ids) if params.repetition_penalty != 1.0 else set()
 
-    def pick(self, logits: torch.Tensor, eos_ids: list[int], generated: int) -> int:
+    def pick(self, logits: torch.Tensor, eos_ids: list[int], generated: int,
+             suppressed: torch.Tensor | None = None) -> int:
         """Return the next token id for this row given its float logits over the vocabulary."""
         p = self.params
         logits = logits.float()
+        if suppressed is not None:  # the checkpoint's generation_config.suppress_tokens
+            logits[suppressed] = float("-inf")
         if p.repetition_penalty != 1.0 and self.seen:
             idx = torch.tensor(sorted(self.seen), device=logits.device)
             picked = logits[idx]
