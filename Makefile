@@ -30,6 +30,7 @@ generate: install
 
 test: dev
 	scripts/ensure_services.sh
+	scripts/ensure_browser.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: dev

@@ -28,27 +28,41 @@ class TokenBus:
 
     # -- events ------------------------------------------------------------------------------------
     def publish(self, job_id: str, event: dict[str, Any], length: int | None = None) -> None:
-        """Publish one event and update the snapshot in the same transaction.
+        """Publish one event with its snapshot update (see ``publish_many``)."""
+        self.publish_many([(job_id, event, length)])
+
+    def publish_many(self, events: list[tuple[str, dict[str, Any], int | None]],
+                     cancel_check: list[str] | None = None) -> set[str]:
+        """Publish events (job id, event, text length after it) in one transaction; optionally read cancel flags.
 
         Token text is appended to the snapshot; ``done``/``error`` are stored whole as the final event;
-        ``reset`` (a retried job starting over) clears the text. ``length`` is the text's length in
-        characters after this event; the list of lengths lets a follower resume after any ``seq``.
+        ``reset`` (a retried job starting over) clears the text. The list of lengths lets a follower
+        resume after any ``seq``. One round trip per decoding step, however many rows stream.
         """
-        key = f"{PREFIX}:job:{job_id}"
         pipe = self.redis.pipeline(transaction=True)
-        if event["type"] == "token":
-            pipe.append(f"{key}:text", event["text"])
-        elif event["type"] == "reset":
-            pipe.set(f"{key}:text", "")
-            pipe.set(f"{key}:reset", event["seq"])
-        else:
-            pipe.set(f"{key}:final", json.dumps(event))
-        pipe.set(f"{key}:seq", event["seq"])
-        pipe.rpush(f"{key}:lengths", -1 if length is None else length)
-        pipe.publish(job_channel(job_id), json.dumps(event))
-        for suffix in ("text", "seq", "final", "reset", "lengths"):
-            pipe.expire(f"{key}:{suffix}", SNAPSHOT_TTL_S)
-        pipe.execute()
+        for job_id, event, length in events:
+            key = f"{PREFIX}:job:{job_id}"
+            if event["type"] == "token":
+                pipe.append(f"{key}:text", event["text"])
+            elif event["type"] == "reset":
+                pipe.set(f"{key}:text", "")
+                pipe.set(f"{key}:reset", event["seq"])
+            else:
+                pipe.set(f"{key}:final", json.dumps(event))
+            pipe.set(f"{key}:seq", event["seq"])
+            pipe.rpush(f"{key}:lengths", -1 if length is None else length)
+            pipe.publish(job_channel(job_id), json.dumps(event))
+            if event["type"] != "token" or event["seq"] % 64 == 1:  # keep the snapshot alive, cheaply
+                for suffix in ("text", "seq", "final", "reset", "lengths"):
+                    pipe.expire(f"{key}:{suffix}", SNAPSHOT_TTL_S)
+        if cancel_check:
+            pipe.mget([f"{PREFIX}:cancel:{j}" for j in cancel_check])
+        if not events and not cancel_check:
+            return set()
+        replies = pipe.execute()
+        if not cancel_check:
+            return set()
+        return {j for j, flag in zip(cancel_check, replies[-1], strict=True) if flag}
 
     def snapshot(self, job_id: str) -> tuple[int, str, dict[str, Any] | None]:
         """Return (last seq, text so far, final event or None), read atomically."""

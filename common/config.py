@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     max_batch: int = Field(8, gt=0, description="Largest number of requests generated together.")
     chat_reserve: int = Field(4, ge=0, description="Extra rows kept for chat jobs when a batch fills max_batch.")
     admit_interval_s: float = Field(0.05, gt=0, description="How often a busy worker looks for jobs to admit.")
+    admit_batch_rows: int = Field(4, gt=0, description="Most batch items admitted into a running batch at once.")
     task_budget_s: float = Field(120.0, gt=0, description="After this long one task stops admitting new jobs.")
 
     # Service behaviour

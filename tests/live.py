@@ -128,7 +128,7 @@ def stack_env(database_url: str, redis_url: str, data_dir: Path, **overrides: st
         "VLGATE_DATABASE_URL": database_url,
         "VLGATE_REDIS_URL": redis_url,
         "VLGATE_HEARTBEAT_S": "1",
-        "VLGATE_JOB_LEASE_S": "2",
+        "VLGATE_JOB_LEASE_S": "4",
         "VLGATE_REAPER_INTERVAL_S": "0.5",
         "VLGATE_STALE_QUEUED_S": "2",
         "VLGATE_MODEL_WAIT_S": "30",

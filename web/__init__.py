@@ -8,7 +8,7 @@ from __future__ import annotations
 from flask import Flask
 
 from common.config import Settings, get_settings
-from web import api, errors, extensions, main, ws
+from web import api, batch_page, errors, extensions, main, ws
 
 MIB = 1024 * 1024
 
@@ -29,5 +29,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     errors.init_app(app)
     api.init_app(app)
     main.init_app(app)
+    batch_page.init_app(app)
     ws.init_app(app)
     return app

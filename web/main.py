@@ -1,25 +1,29 @@
-"""The browser page at ``/`` (a placeholder until the streaming chat page lands)."""
+"""The chat page at ``/``: one template plus static files (no CDN, no build step)."""
 
 from __future__ import annotations
 
 import redis
-from flask import Blueprint, Flask, Response
-from markupsafe import escape
+from flask import Blueprint, Flask, Response, render_template
 
 from web.extensions import services
 from web.services.workers import model_label, ready_workers
 
 bp = Blueprint("main", __name__)
 
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>vlgate</title></head>
-<body style="font-family: system-ui, sans-serif; max-width: 40rem; margin: 3rem auto">
-<h1>vlgate</h1>
-<p>Model: <strong>{model}</strong></p>
-<p>The chat page arrives with the streaming issue. Until then use the JSON API:
-<a href="/api/openapi.json">/api/openapi.json</a> · <a href="/api/health">/api/health</a></p>
-</body></html>
-"""
+# Defence in depth behind the page's own escaping: even if model text ever reached the DOM as
+# HTML, no inline script, inline handler (onerror=…) or foreign origin could run or be contacted.
+# 'self' covers same-origin ws:/wss: in current browsers; data:/blob: are the image previews.
+CONTENT_SECURITY_POLICY = "; ".join([
+    "default-src 'self'",
+    "script-src 'self'",
+    "style-src 'self'",
+    "img-src 'self' data: blob:",
+    "connect-src 'self'",
+    "object-src 'none'",
+    "base-uri 'none'",
+    "form-action 'self'",
+    "frame-ancestors 'none'",
+])
 
 
 def _current_model() -> str:
@@ -34,8 +38,20 @@ def _current_model() -> str:
 
 @bp.get("/")
 def index() -> Response:
-    """Serve the placeholder page."""
-    return Response(PAGE.format(model=escape(_current_model())), mimetype="text/html")
+    """Serve the chat page with the current model and the server's image and token limits."""
+    settings = services().settings
+    html = render_template(
+        "index.html",
+        # Shown before the page's first health poll (and without JavaScript); the demo label says so.
+        model=_current_model(),
+        max_image_bytes=settings.max_image_bytes,
+        max_tokens_limit=settings.max_tokens_limit,
+    )
+    response = Response(html, mimetype="text/html")
+    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Cache-Control"] = "no-cache"  # the page is tiny; always pick up a new app.js
+    return response
 
 
 def init_app(app: Flask) -> None:

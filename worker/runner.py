@@ -18,7 +18,7 @@ from common.config import Settings
 from common.models import Job, Message, StoredImage
 from common.queue import QUEUES
 from worker.engine import Engine, GenerationRequest, GenerationResult, Turn
-from worker.publisher import JobPublisher
+from worker.publisher import EventBuffer, JobPublisher
 from worker.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ class JobRunner:
         self.on_busy = on_busy or (lambda _ids: None)
         self.jobs_done = 0
         self._publishers: dict[str, JobPublisher] = {}
+        self._buffer = EventBuffer(bus)
         self._models: dict[str, str] = {}
 
     def run(self, job_id: str) -> str | None:
@@ -45,7 +46,9 @@ class JobRunner:
         started = time.monotonic()
         with self.db() as db:
             own = jobs.claim(db, job_id, self.worker_id, self.settings.job_lease_s, self.settings.max_attempts)
-            claimed = ([own] if own else []) + self._claim_more(db, 1 if own else 0)
+            # A chat starts with chats only: bulk rows join at the next admission, after its prefill.
+            first_batch_rows = 0 if own is not None and own.queue == QUEUES[0] else None
+            claimed = ([own] if own else []) + self._claim_more(db, 1 if own else 0, first_batch_rows)
             requests = self._requests(db, claimed, engine)
         if not requests:
             return own.status if own is not None else None
@@ -60,7 +63,7 @@ class JobRunner:
                 return []
             next_admit[0] = now + self.settings.admit_interval_s
             with self.db() as db:
-                fresh = self._requests(db, self._claim_more(db, running), engine)
+                fresh = self._requests(db, self._claim_more(db, running, self.settings.admit_batch_rows), engine)
             if fresh:
                 lease.add([r.request_id for r in fresh])
                 self.on_busy(lease.ids())
@@ -73,7 +76,8 @@ class JobRunner:
                 requests,
                 on_delta=lambda rid, delta: self._publishers[rid].token(delta),
                 on_finish=lambda result: self._finish(result, lease),
-                check_cancelled=lambda ids: self.bus.cancelled(ids) | (lease.lost & set(ids)),
+                # Once per step: last step's tokens go out and the cancel flags come back in one round trip.
+                check_cancelled=lambda ids: self._buffer.flush(ids) | (lease.lost & set(ids)),
                 admit=admit,
             )
         except Exception as exc:
@@ -85,6 +89,7 @@ class JobRunner:
                 raise  # the service frees memory and reports the worker unhealthy
             return "failed" if own is not None else None
         finally:
+            self._buffer.flush()
             lease.stop()
             self.on_busy([])
         if own is None:
@@ -93,19 +98,24 @@ class JobRunner:
             final = jobs.load(db, job_id)
         return final.status if final is not None else None
 
-    def _claim_more(self, db: Session, running: int) -> list[Job]:
-        """Claim waiting jobs up to the batch size, chat first; chat jobs may also use the reserve rows."""
+    def _claim_more(self, db: Session, running: int, batch_rows: int | None = None) -> list[Job]:
+        """Claim waiting jobs: chat first, alone (so their prefill is not shared with bulk rows; chats may also
+        use the reserve rows); else batch items up to the batch size, at most ``batch_rows`` at a time."""
         cap, lease, attempts = self.settings.max_batch, self.settings.job_lease_s, self.settings.max_attempts
         chat_room = max(0, cap + self.settings.chat_reserve - running)
         chats = jobs.claim_next(db, self.worker_id, lease, attempts, chat_room, QUEUES[:1]) if chat_room else []
-        room = max(0, cap - running - len(chats))
-        return chats + (jobs.claim_next(db, self.worker_id, lease, attempts, room, QUEUES[1:]) if room else [])
+        if chats:
+            return chats
+        room = max(0, cap - running)
+        if batch_rows is not None:
+            room = min(room, batch_rows)
+        return jobs.claim_next(db, self.worker_id, lease, attempts, room, QUEUES[1:]) if room else []
 
     def _requests(self, db: Session, claimed: list[Job], engine: Engine | None) -> list[GenerationRequest]:
         """Turn claimed jobs into engine requests; a job that cannot run is failed at once."""
         requests = []
         for job in claimed:
-            self._publishers[job.id] = JobPublisher(self.bus, job.id, job.attempts)
+            self._publishers[job.id] = JobPublisher(self.bus, job.id, job.attempts, self._buffer)
             if engine is None:
                 self._store(job.id, jobs.Outcome("failed", error_code="model_not_loaded",
                                                  error_message="this worker has no model loaded"))

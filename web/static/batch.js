@@ -1,0 +1,483 @@
+// vlgate batch page: collect images (file picker, folder picker, drag and drop), upload them as multipart
+// batches, follow progress, and fill the results table as items finish. Model answers are untrusted text:
+// everything from the server reaches the page through textContent, never innerHTML.
+
+const THEME_KEY = "vlgate.theme"; // the chat page's key (app.js, theme.js)
+const IMAGE_NAME = /\.(png|jpe?g|bmp|webp|gif)$/i;
+const CHUNK = 500; // files per server batch: one multipart request stays well inside the server's limits
+const POLL_MS = 1000;
+const SNIPPET_CHARS = 240;
+const STATUS_LABELS = {
+  waiting: "待上传 waiting",
+  uploading: "上传中 uploading",
+  queued: "排队 queued",
+  running: "生成中 running",
+  succeeded: "成功 succeeded",
+  failed: "失败 failed",
+  cancelled: "已取消 cancelled",
+  skipped: "未上传 not sent",
+};
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  form: $("batch-form"), dropzone: $("dropzone"), fileInput: $("file-input"), folderInput: $("folder-input"),
+  fileSummary: $("file-summary"), fileSample: $("file-sample"), clearFiles: $("clear-files"),
+  prompt: $("prompt"), temperature: $("temperature"), temperatureValue: $("temperature-value"),
+  maxTokens: $("max-tokens"), maxTokensValue: $("max-tokens-value"), formError: $("form-error"),
+  start: $("start-button"), cancel: $("cancel-button"), progress: $("progress"), progressFill: $("progress-fill"),
+  progressText: $("progress-text"), downloads: $("downloads"), body: $("results-body"),
+  empty: $("results-empty"), banner: $("model-banner"), darkMode: $("dark-mode"),
+};
+
+const state = {
+  files: [], // [{name, file}] sorted by name
+  batches: [], // [{id, offset, total, links, counts, status, final}]
+  rows: [], // per global index: {tr, cells, status, response, error, expanded}
+  total: 0,
+  xhr: null, // the upload in flight
+  uploadNote: "",
+  active: false,
+  cancelled: false,
+};
+
+/** A failure the server (or the network) reported, in the API's {code, message} terms. */
+class ApiError extends Error {
+  constructor(code, message) {
+    super(message);
+    this.code = code;
+  }
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Call the JSON API; throw ApiError with the server's code and message on failure. */
+async function api(method, url) {
+  let response;
+  try {
+    response = await fetch(url, { method, headers: { Accept: "application/json" } });
+  } catch (err) {
+    throw new ApiError("network_error", `服务器无响应 The server did not answer (${err.message})`);
+  }
+  const body = await response.json().catch(() => null);
+  if (!response.ok) throw errorFrom(response.status, body);
+  return body;
+}
+
+function errorFrom(status, body) {
+  const error = body && body.error;
+  return error ? new ApiError(error.code, error.message) : new ApiError("http_error", `HTTP ${status}`);
+}
+
+// ---- collecting files ----
+
+const isHidden = (name) => name.split("/").some((part) => part.startsWith("."));
+
+function addFiles(found) {
+  const byName = new Map(state.files.map((item) => [item.name, item]));
+  for (const item of found) {
+    if (IMAGE_NAME.test(item.name) && !isHidden(item.name)) byName.set(item.name, item);
+  }
+  state.files = [...byName.values()].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  renderFiles();
+}
+
+function fromInput(input) {
+  // A folder pick gives each file its path inside the folder; that path is the item's name.
+  addFiles([...input.files].map((file) => ({ name: file.webkitRelativePath || file.name, file })));
+  input.value = "";
+}
+
+/** Read every file under dropped entries; folders are walked with the File and Directory Entries API. */
+async function fromDrop(entries, plainFiles) {
+  if (!entries.length) return plainFiles.map((file) => ({ name: file.name, file }));
+  const found = [];
+  const walk = async (entry) => {
+    if (entry.name.startsWith(".")) return;
+    if (entry.isFile) {
+      const file = await new Promise((resolve, reject) => entry.file(resolve, reject));
+      found.push({ name: entry.fullPath.replace(/^\/+/, ""), file });
+    } else if (entry.isDirectory) {
+      const reader = entry.createReader();
+      // readEntries answers in pieces (100 at a time in Chromium) until it answers an empty list.
+      for (;;) {
+        const children = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
+        if (!children.length) break;
+        for (const child of children) await walk(child);
+      }
+    }
+  };
+  for (const entry of entries) await walk(entry);
+  return found;
+}
+
+function renderFiles() {
+  const count = state.files.length;
+  const bytes = state.files.reduce((sum, item) => sum + item.file.size, 0);
+  ui.fileSummary.textContent = count
+    ? `${count} 张图片 images · ${formatBytes(bytes)}${count > CHUNK ? ` · ${Math.ceil(count / CHUNK)} 批 batches` : ""}`
+    : "未选择图片 No images selected";
+  ui.fileSample.replaceChildren(...state.files.slice(0, 5).map((item) => textElement("li", item.name)));
+  if (count > 5) ui.fileSample.append(textElement("li", `… +${count - 5}`));
+  ui.clearFiles.hidden = count === 0;
+}
+
+function formatBytes(bytes) {
+  const units = ["B", "KB", "MB", "GB"];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  return `${value.toFixed(unit ? 1 : 0)} ${units[unit]}`;
+}
+
+function textElement(tag, text, className) {
+  const element = document.createElement(tag);
+  element.textContent = text;
+  if (className) element.className = className;
+  return element;
+}
+
+// ---- the results table ----
+
+function ensureRow(index, name) {
+  if (state.rows[index]) return state.rows[index];
+  const tr = document.createElement("tr");
+  const cells = ["index", "name", "status", "response", "error"].map((kind) => {
+    const td = document.createElement("td");
+    td.className = `col-${kind}`;
+    tr.append(td);
+    return td;
+  });
+  cells[0].textContent = String(index + 1);
+  cells[1].textContent = name || "";
+  cells[3].tabIndex = 0;
+  cells[3].title = "点击展开 Click to expand";
+  const row = { tr, cells, status: null, response: "", error: "", expanded: false };
+  cells[3].addEventListener("click", () => toggleResponse(row));
+  cells[3].addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") {
+      event.preventDefault();
+      toggleResponse(row);
+    }
+  });
+  state.rows[index] = row;
+  ui.body.append(tr); // rows are created in index order
+  ui.empty.hidden = true;
+  return row;
+}
+
+function toggleResponse(row) {
+  row.expanded = !row.expanded;
+  showResponse(row);
+}
+
+function showResponse(row) {
+  const text = row.response || "";
+  const long = text.length > SNIPPET_CHARS;
+  row.cells[3].textContent = row.expanded || !long ? text : `${text.slice(0, SNIPPET_CHARS)}…`;
+  row.cells[3].classList.toggle("expanded", row.expanded);
+}
+
+function setRowStatus(row, status) {
+  if (row.status === status) return;
+  row.status = status;
+  const badge = textElement("span", STATUS_LABELS[status] || status, "badge");
+  badge.dataset.status = status;
+  row.cells[2].replaceChildren(badge);
+  row.tr.dataset.status = status;
+}
+
+/** Show one item of a batch's results (BatchItemResult) in its row. */
+function showItem(batch, item) {
+  const row = ensureRow(batch.offset + item.index, item.name);
+  if (item.name && row.cells[1].textContent !== item.name) row.cells[1].textContent = item.name;
+  setRowStatus(row, item.status);
+  const response = item.response || "";
+  if (response !== row.response) {
+    row.response = response;
+    showResponse(row);
+  }
+  const error = item.error ? `${item.error.code}: ${item.error.message}` : "";
+  if (error !== row.error) {
+    row.error = error;
+    row.cells[4].textContent = error;
+  }
+}
+
+// ---- progress ----
+
+function renderProgress() {
+  const sum = { queued: 0, running: 0, succeeded: 0, failed: 0, cancelled: 0 };
+  for (const batch of state.batches) {
+    for (const key of Object.keys(sum)) sum[key] += (batch.counts && batch.counts[key]) || 0;
+  }
+  const done = sum.succeeded + sum.failed + sum.cancelled;
+  const total = Math.max(state.total, 1);
+  const percent = Math.floor((100 * done) / total);
+  ui.progress.setAttribute("aria-valuenow", String(percent));
+  ui.progressFill.style.width = `${percent}%`;
+  const parts = [`${done} / ${state.total} 完成 done (${percent}%)`, `成功 succeeded ${sum.succeeded}`,
+    `失败 failed ${sum.failed}`];
+  if (sum.cancelled) parts.push(`已取消 cancelled ${sum.cancelled}`);
+  if (sum.running) parts.push(`生成中 running ${sum.running}`);
+  if (state.uploadNote) parts.push(state.uploadNote);
+  ui.progressText.textContent = parts.join(" · ");
+}
+
+function addDownloads(batch, number) {
+  const item = document.createElement("li");
+  item.append(textElement("span", `批次 Batch ${number} `), textElement("code", batch.id), " ");
+  for (const format of ["csv", "jsonl"]) {
+    const url = new URL(batch.links.results, window.location.origin);
+    url.searchParams.set("format", format);
+    const link = textElement("a", format.toUpperCase());
+    link.href = url.pathname + url.search;
+    link.download = `${batch.id}.${format}`;
+    link.className = `download-${format}`;
+    item.append(" ", link);
+  }
+  ui.downloads.append(item);
+}
+
+// ---- running a batch ----
+
+/** Upload one chunk as multipart (text fields first, then the files); resolve with the BatchPublic. */
+function uploadChunk(chunk, number, count) {
+  const form = new FormData();
+  form.append("prompt", ui.prompt.value);
+  form.append("temperature", ui.temperature.value);
+  form.append("max_tokens", ui.maxTokens.value);
+  for (const item of chunk) form.append("files", item.file, item.name);
+  // XMLHttpRequest rather than fetch: it reports upload progress, which a folder of photos needs.
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    state.xhr = xhr;
+    xhr.open("POST", "/api/batches");
+    xhr.responseType = "json";
+    xhr.upload.onprogress = (event) => {
+      const share = event.lengthComputable ? ` ${Math.floor((100 * event.loaded) / event.total)}%` : "";
+      state.uploadNote = `上传中 uploading ${number}/${count}${share}`;
+      renderProgress();
+    };
+    xhr.onload = () => (xhr.status === 202 || xhr.status === 200
+      ? resolve(xhr.response) : reject(errorFrom(xhr.status, xhr.response)));
+    xhr.onerror = () => reject(new ApiError("network_error", "上传失败 The upload failed (network error)"));
+    xhr.onabort = () => reject(new ApiError("aborted", "上传已取消 Upload cancelled"));
+    xhr.send(form);
+  });
+}
+
+function track(body, offset) {
+  const batch = { id: body.batch_id, offset, total: body.total, links: body.links, counts: body.counts,
+    status: body.status, final: false, seen: "" };
+  state.batches.push(batch);
+  addDownloads(batch, state.batches.length);
+  const url = new URL(window.location.href);
+  url.search = new URLSearchParams(state.batches.map((b) => ["batch", b.id])).toString();
+  window.history.replaceState(null, "", url); // a reload finds the batches again
+  return batch;
+}
+
+async function start(event) {
+  event.preventDefault();
+  if (state.active) return;
+  const files = state.files;
+  if (!files.length) return showFormError("请先选择图片 Choose some images first.");
+  if (!ui.prompt.value.trim()) return showFormError("请输入提示词 Enter a prompt.");
+  showFormError("");
+  resetRun(files.length);
+  files.forEach((item, index) => setRowStatus(ensureRow(index, item.name), "waiting"));
+  const polling = pollLoop();
+  const chunks = [];
+  for (let i = 0; i < files.length; i += CHUNK) chunks.push(files.slice(i, i + CHUNK));
+  let offset = 0;
+  try {
+    for (const [i, chunk] of chunks.entries()) {
+      if (state.cancelled) break;
+      chunk.forEach((_, j) => setRowStatus(state.rows[offset + j], "uploading"));
+      const body = await uploadChunk(chunk, i + 1, chunks.length);
+      track(body, offset);
+      chunk.forEach((_, j) => setRowStatus(state.rows[offset + j], "queued"));
+      offset += chunk.length;
+    }
+  } catch (err) {
+    if (err.code !== "aborted") showFormError(`${err.code}: ${err.message}`);
+  } finally {
+    state.xhr = null;
+    state.uploadNote = "";
+    // Files that never reached the server say so, instead of waiting forever.
+    for (let i = offset; i < files.length; i += 1) setRowStatus(state.rows[i], "skipped");
+    state.total = offset || files.length;
+  }
+  await polling;
+}
+
+function resetRun(total) {
+  state.batches = [];
+  state.rows = [];
+  state.total = total;
+  state.cancelled = false;
+  state.active = true;
+  ui.body.replaceChildren();
+  ui.downloads.replaceChildren();
+  ui.empty.hidden = false;
+  ui.start.disabled = true;
+  ui.cancel.hidden = false;
+  ui.cancel.disabled = false;
+  renderProgress();
+}
+
+/** Poll every unfinished batch; fetch its results whenever its counts moved. */
+async function pollLoop() {
+  for (;;) {
+    for (const batch of state.batches.filter((b) => !b.final)) {
+      try {
+        await refresh(batch);
+      } catch (err) {
+        showFormError(`${err.code}: ${err.message}`);
+      }
+    }
+    renderProgress();
+    if (!state.xhr && state.batches.every((b) => b.final) && (state.batches.length || state.cancelled
+        || !ui.formError.hidden)) break;
+    await sleep(POLL_MS);
+  }
+  state.active = false;
+  ui.start.disabled = false;
+  ui.cancel.hidden = true;
+  renderProgress();
+}
+
+async function refresh(batch) {
+  const body = await api("GET", batch.links.self);
+  batch.counts = body.counts;
+  batch.status = body.status;
+  const counts = body.counts;
+  const moved = [counts.running, counts.succeeded, counts.failed, counts.cancelled].join("/");
+  const settled = counts.queued + counts.running === 0;
+  if (moved !== batch.seen || settled) {
+    const results = await api("GET", `${batch.links.results}?format=json`);
+    for (const item of results.results) showItem(batch, item);
+    batch.seen = moved;
+  }
+  batch.final = settled;
+}
+
+async function cancel() {
+  state.cancelled = true;
+  ui.cancel.disabled = true;
+  if (state.xhr) state.xhr.abort();
+  for (const batch of state.batches.filter((b) => !b.final)) {
+    try {
+      await api("DELETE", batch.links.self);
+    } catch (err) {
+      showFormError(`${err.code}: ${err.message}`);
+    }
+  }
+}
+
+/** Reopen the batches named in the address (?batch=…), e.g. after a reload. */
+async function resume(ids) {
+  resetRun(0);
+  let offset = 0;
+  for (const id of ids) {
+    try {
+      const body = await api("GET", `/api/batches/${encodeURIComponent(id)}`);
+      track(body, offset);
+      offset += body.total;
+    } catch (err) {
+      showFormError(`${id}: ${err.code}: ${err.message}`);
+    }
+  }
+  state.total = offset;
+  await pollLoop();
+}
+
+function showFormError(message) {
+  ui.formError.textContent = message;
+  ui.formError.hidden = !message;
+}
+
+// ---- model status and theme ----
+
+async function showModelStatus() {
+  let health;
+  try {
+    const response = await fetch("/api/health");
+    health = await response.json();
+  } catch {
+    return;
+  }
+  const ready = (health.workers || []).find((w) => w.loaded && w.state !== "error");
+  let note = "";
+  if (!health.model_ready || !ready) {
+    const reasons = (health.workers || []).map((w) => `${w.worker_id}: ${w.error || w.state}`).join("; ");
+    note = `模型未加载 The model is not loaded${reasons ? ` (${reasons})` : " (no worker is running)"}.`;
+  } else if (ready.is_demo) {
+    note = `演示模型，回答是随机文本 · ${ready.model_label || ready.model} · Demo model: answers are random text.`;
+  }
+  ui.banner.textContent = note;
+  ui.banner.hidden = !note;
+}
+
+function setupTheme() {
+  ui.darkMode.checked = document.documentElement.dataset.theme === "dark";
+  ui.darkMode.addEventListener("change", () => {
+    const theme = ui.darkMode.checked ? "dark" : "light";
+    document.documentElement.dataset.theme = theme;
+    try {
+      localStorage.setItem(THEME_KEY, theme);
+    } catch {
+      // storage disabled: the choice lasts for this page only
+    }
+  });
+}
+
+// ---- wiring ----
+
+function setup() {
+  setupTheme();
+  const showValue = (input, output) => {
+    output.textContent = input.value;
+    input.addEventListener("input", () => { output.textContent = input.value; });
+  };
+  showValue(ui.temperature, ui.temperatureValue);
+  showValue(ui.maxTokens, ui.maxTokensValue);
+  ui.fileInput.addEventListener("change", () => fromInput(ui.fileInput));
+  ui.folderInput.addEventListener("change", () => fromInput(ui.folderInput));
+  ui.clearFiles.addEventListener("click", () => {
+    state.files = [];
+    renderFiles();
+  });
+  for (const type of ["dragenter", "dragover"]) {
+    document.addEventListener(type, (event) => {
+      event.preventDefault();
+      ui.dropzone.classList.add("dragging");
+    });
+  }
+  document.addEventListener("dragleave", (event) => {
+    if (!event.relatedTarget) ui.dropzone.classList.remove("dragging");
+  });
+  document.addEventListener("drop", async (event) => {
+    event.preventDefault();
+    ui.dropzone.classList.remove("dragging");
+    // Entries must be taken while the event runs; the DataTransfer is emptied afterwards.
+    const items = [...(event.dataTransfer.items || [])].filter((item) => item.kind === "file");
+    const entries = items.map((item) => item.webkitGetAsEntry && item.webkitGetAsEntry()).filter(Boolean);
+    addFiles(await fromDrop(entries, [...event.dataTransfer.files]));
+  });
+  ui.form.addEventListener("submit", start);
+  ui.cancel.addEventListener("click", cancel);
+  window.addEventListener("beforeunload", (event) => {
+    if (!state.xhr) return;
+    event.preventDefault(); // leaving now would cut the upload short
+    event.returnValue = "";
+  });
+  showModelStatus();
+  const ids = new URLSearchParams(window.location.search).getAll("batch");
+  if (ids.length) resume(ids);
+}
+
+setup();
