@@ -36,9 +36,11 @@ test: dev
 lint: dev
 	$(BIN)/ruff check .
 
-bench: install
+bench: dev
 	$(PY) -m bench.engine
 	$(PY) -m bench.service
+	$(PY) -m bench.stream
+	$(PY) -m bench.batching
 
 demo: install
 	$(PY) -m worker.cli build-demo
