@@ -217,3 +217,23 @@ def running_stack(kind: str, tmp: Path, data_dir: Path, worker_name: str) -> Ite
     finally:
         deployment.stop()
         next(databases, None)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Debian's Chromium, never a downloaded browser; no background traffic (the machines are offline).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@contextmanager
+def chromium() -> Iterator[Any]:
+    """Yield a headless Chromium under Playwright; fail (never skip) when it is not installed."""
+    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: run scripts/ensure_browser.sh (make test does)"
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -28,9 +28,6 @@ from web import create_app
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
 TIMEOUT_MS = 30_000
 XSS = '<img src=x onerror="window.__xss = 1"><b>bold</b> & <script>window.__xss = 2</script>'
 
@@ -45,13 +42,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[
 
 @pytest.fixture(scope="module")
 def browser():  # type: ignore[no-untyped-def]
-    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: run scripts/ensure_browser.sh"
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+    """Debian's Chromium under Playwright (tests/live.py)."""
+    with live.chromium() as chromium:
         yield chromium
-        chromium.close()
 
 
 @pytest.fixture

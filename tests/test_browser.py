@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 from sqlalchemy.orm import Session
 
 from common.ids import new_id, utcnow
@@ -27,9 +27,6 @@ from tests.live import Stack
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "chat-page.png"
 SCREENSHOT_MAX_BYTES = 200_000
 XSS = "<img src=x onerror=alert(1)>"
@@ -68,12 +65,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """Debian's Chromium under Playwright; fails (never skips) when it is not installed."""
-    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: run scripts/ensure_browser.sh (make test does)"
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+    """Debian's Chromium under Playwright (tests/live.py)."""
+    with live.chromium() as chromium:
         yield chromium
-        chromium.close()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-import secrets
 import struct
 import threading
 import time
@@ -20,13 +19,10 @@ from typing import Any
 
 import pytest
 import redis
-from alembic import command
-from alembic.config import Config
 from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
-from sqlalchemy import create_engine, func, select, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import func, select, text
 
 from common import jobs
 from common.bus import TokenBus
@@ -34,48 +30,21 @@ from common.config import Settings
 from common.db import make_session_factory
 from common.models import ChatSession, Job, Message, MessageImage, StoredImage
 from common.schemas import WorkerStatus
+from tests.conftest import fresh_database
 from web import create_app
 from web.extensions import Services
 
 ROOT = Path(__file__).resolve().parent.parent
-POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379/14"  # a DB of its own: each test flushes it
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1: connection refused at once
 TABLES = ("message_images", "jobs", "batches", "messages", "images", "sessions")  # children first
 WORKER_ID = "test-worker"
 
 
-def migrate(url: str) -> None:
-    """Create the schema as production does: Alembic upgrade head."""
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("sqlalchemy.url", url)
-    command.upgrade(config, "head")
-
-
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A migrated database per backend, made once per test session (tests empty it, see ``app``)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('web-db') / 'vlgate.db'}"
-        migrate(url)
-        yield url
-        return
-    name = f"vlgate_test_{secrets.token_hex(6)}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"Postgres is not reachable at {POSTGRES_ADMIN_URL}: {exc}")
-    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        migrate(url)
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    yield from fresh_database(request.param, tmp_path_factory.mktemp("web-db"))
 
 
 def make_settings(db_url: str, tmp_path: Path, **overrides: Any) -> Settings:
