@@ -99,3 +99,21 @@ def fresh_database(kind: str, tmp_path: Path):  # type: ignore[no-untyped-def]
 def database_url(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
     """A fresh migrated database, once on SQLite and once on Postgres."""
     yield from fresh_database(request.param, tmp_path)
+
+
+def store_queued_job(db, **fields) -> str:  # type: ignore[no-untyped-def]
+    """Store a session, its user message and a queued job for it; return the job id."""
+    from common.ids import new_id, utcnow
+    from common.models import ChatSession, Job, Message
+
+    session = ChatSession(id=new_id("sess"))
+    db.add(session)
+    db.flush()
+    message = Message(session_id=session.id, role="user", text="hi")
+    db.add(message)
+    db.flush()
+    fields.setdefault("params", {})
+    job = Job(id=new_id("job"), session_id=session.id, user_message_id=message.id, enqueued_at=utcnow(), **fields)
+    db.add(job)
+    db.commit()
+    return job.id

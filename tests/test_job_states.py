@@ -9,29 +9,15 @@ from sqlalchemy import func, select, update
 
 from common import jobs
 from common.db import make_engine, make_session_factory
-from common.ids import new_id, utcnow
-from common.models import ChatSession, Job, Message
-
-
-def _job(db, **fields) -> str:
-    """Store a session, a user message and a queued job; return the job id."""
-    session = ChatSession(id=new_id("sess"))
-    db.add(session)
-    db.flush()
-    message = Message(session_id=session.id, role="user", text="hi")
-    db.add(message)
-    db.flush()
-    job = Job(id=new_id("job"), session_id=session.id, user_message_id=message.id, params={}, enqueued_at=utcnow(),
-              **fields)
-    db.add(job)
-    db.commit()
-    return job.id
+from common.ids import utcnow
+from common.models import Job, Message
+from tests.conftest import store_queued_job
 
 
 def test_claim_is_exclusive_and_finish_happens_once(database_url):
     factory = make_session_factory(make_engine(database_url))
     with factory() as db:
-        job_id = _job(db)
+        job_id = store_queued_job(db)
         first = jobs.claim(db, job_id, "w1", lease_s=30, max_attempts=3)
         assert first is not None and first.status == "running" and first.attempts == 1
         assert jobs.claim(db, job_id, "w2", lease_s=30, max_attempts=3) is None
@@ -48,7 +34,7 @@ def test_claim_is_exclusive_and_finish_happens_once(database_url):
 def test_expired_lease_is_reclaimed_and_the_old_worker_cannot_finish(database_url):
     factory = make_session_factory(make_engine(database_url))
     with factory() as db:
-        job_id = _job(db)
+        job_id = store_queued_job(db)
         assert jobs.claim(db, job_id, "dead", lease_s=0.2, max_attempts=3)
         time.sleep(0.4)
         found = jobs.reap(db, max_attempts=3, stale_queued_s=60)
@@ -63,10 +49,10 @@ def test_expired_lease_is_reclaimed_and_the_old_worker_cannot_finish(database_ur
 def test_cancel_queued_never_runs_and_cancel_running_is_flagged(database_url):
     factory = make_session_factory(make_engine(database_url))
     with factory() as db:
-        queued = _job(db)
+        queued = store_queued_job(db)
         assert jobs.cancel(db, queued).status == "cancelled"
         assert jobs.claim(db, queued, "w", lease_s=30, max_attempts=3) is None
-        running = _job(db)
+        running = store_queued_job(db)
         jobs.claim(db, running, "w", lease_s=30, max_attempts=3)
         flagged = jobs.cancel(db, running)
         assert flagged.status == "running" and flagged.cancel_requested
@@ -78,12 +64,12 @@ def test_cancel_queued_never_runs_and_cancel_running_is_flagged(database_url):
 def test_reaper_fails_jobs_after_max_attempts_and_cancels_flagged_orphans(database_url):
     factory = make_session_factory(make_engine(database_url))
     with factory() as db:
-        exhausted = _job(db)
+        exhausted = store_queued_job(db)
         jobs.claim(db, exhausted, "w", lease_s=0.1, max_attempts=1)
-        orphan = _job(db)
+        orphan = store_queued_job(db)
         jobs.claim(db, orphan, "w", lease_s=0.1, max_attempts=3)
         jobs.cancel(db, orphan)
-        stale = _job(db)
+        stale = store_queued_job(db)
         db.execute(update(Job).where(Job.id == stale).values(enqueued_at=utcnow() - timedelta(seconds=120)))
         db.commit()
         time.sleep(0.3)
@@ -97,10 +83,10 @@ def test_reaper_fails_jobs_after_max_attempts_and_cancels_flagged_orphans(databa
 def test_claim_next_takes_chat_before_batch_oldest_first_and_skips_taken_jobs(database_url):
     factory = make_session_factory(make_engine(database_url))
     with factory() as db:
-        batch = [_job(db, queue="batch") for _ in range(3)]
-        chat = [_job(db, queue="chat") for _ in range(2)]
+        batch = [store_queued_job(db, queue="batch") for _ in range(3)]
+        chat = [store_queued_job(db, queue="chat") for _ in range(2)]
         jobs.claim(db, chat[0], "other", lease_s=30, max_attempts=3)
-        cancelled = _job(db, queue="chat")
+        cancelled = store_queued_job(db, queue="chat")
         jobs.cancel(db, cancelled)
         taken = jobs.claim_next(db, "me", 30, 3, limit=2, queues=("chat", "batch"))
         assert [j.id for j in taken] == [chat[1], batch[0]]

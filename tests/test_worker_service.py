@@ -8,9 +8,9 @@ import redis
 from sqlalchemy import select
 
 from common.config import Settings
-from common.ids import new_id, utcnow
-from common.models import ChatSession, Job, Message
+from common.models import Job
 from common.queue import make_celery
+from tests.conftest import store_queued_job
 from worker.engine import ModelInfo
 from worker.service import WorkerService
 
@@ -38,17 +38,7 @@ def _service(tmp_path: Path) -> WorkerService:
 
 def _queued_job(service: WorkerService) -> str:
     with service.db() as db:
-        session = ChatSession(id=new_id("sess"))
-        db.add(session)
-        db.flush()
-        message = Message(session_id=session.id, role="user", text="hi")
-        db.add(message)
-        db.flush()
-        job = Job(id=new_id("job"), session_id=session.id, user_message_id=message.id, params={"max_tokens": 4},
-                  enqueued_at=utcnow())
-        db.add(job)
-        db.commit()
-        return job.id
+        return store_queued_job(db, params={"max_tokens": 4})
 
 
 def test_a_cuda_error_fails_the_job_and_marks_the_worker_unhealthy_without_killing_it(tmp_path: Path):
