@@ -60,7 +60,8 @@ def test_random_materialization_yields_a_working_model(engine):
     rope = model.model.language_model.rotary_emb
     assert torch.equal(rope.inv_freq, engine.model.model.language_model.rotary_emb.inv_freq)
     assert torch.equal(rope.original_inv_freq, rope.inv_freq)
-    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    tied = model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    assert tied == bool(engine.model.config.tie_word_embeddings)  # the demo unties its head; the 4B ties it
     assert count_parameters(model) == engine.info.parameters
     rows = measure_decode(Engine(model, engine.processor, engine.info), [2], tokens=3, repeats=1)
     assert rows[0].step_s > 0

@@ -265,3 +265,18 @@ def test_admit_starts_work_when_the_batch_is_empty(engine):
     waiting = [ask("late", max_tokens=5)]
     out = engine.generate([], admit=lambda running: [waiting.pop()] if waiting else [])
     assert [r.request_id for r in out] == ["late"] and out[0].completion_tokens == 5
+
+
+def test_end_of_turn_stops_the_row_with_reason_stop(engine):
+    """The eos path: with every other token suppressed, the row ends its turn at once (or after min_tokens)."""
+    import torch
+
+    eos = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    vocab = engine.model.lm_head.weight.shape[0]
+    saved = engine.suppressed
+    engine.suppressed = torch.tensor([i for i in range(vocab) if i != eos])
+    try:
+        result = engine.generate([ask("eos", max_tokens=50)])[0]
+    finally:
+        engine.suppressed = saved
+    assert result.finish_reason == "stop" and result.completion_tokens == 1 and result.text == ""
