@@ -104,10 +104,7 @@ class TokenBus:
 
     def cancelled(self, job_ids: list[str]) -> set[str]:
         """Return which of these jobs have their cancel flag raised (one round trip)."""
-        if not job_ids:
-            return set()
-        flags = self.redis.mget([f"{PREFIX}:cancel:{j}" for j in job_ids])
-        return {j for j, flag in zip(job_ids, flags, strict=True) if flag}
+        return self.publish_many([], job_ids)
 
     # -- heartbeats --------------------------------------------------------------------------------
     def beat(self, status: WorkerStatus, ttl_s: float) -> None:

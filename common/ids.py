@@ -16,6 +16,16 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def to_epoch(value: datetime | None) -> float | None:
+    """Convert a stored naive-UTC datetime to epoch seconds."""
+    return value.replace(tzinfo=UTC).timestamp() if value else None
+
+
+def from_epoch(value: float) -> datetime:
+    """Convert epoch seconds to the naive-UTC datetime the database stores."""
+    return datetime.fromtimestamp(value, UTC).replace(tzinfo=None)
+
+
 def isoformat(value: datetime | None) -> str | None:
     """Render a stored UTC datetime as ISO 8601 with a ``Z``."""
     return None if value is None else value.isoformat(timespec="milliseconds") + "Z"

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from common.ids import utcnow
+from common.ids import from_epoch, utcnow
 from common.models import Job, Message
 
 
@@ -127,7 +127,7 @@ def finish(db: Session, job_id: str, worker_id: str, outcome: Outcome) -> bool:
             completion_tokens=outcome.completion_tokens,
             timings=outcome.timings,
             model=outcome.model,
-            first_token_at=_from_epoch(first) if first else None,
+            first_token_at=from_epoch(first) if first else None,
             finished_at=now,
             lease_expires_at=None,
         )
@@ -213,10 +213,3 @@ def mark_enqueued(db: Session, job_ids: list[str]) -> None:
         db.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=utcnow())
                    .execution_options(synchronize_session=False))
         db.commit()
-
-
-def _from_epoch(value: float):  # type: ignore[no-untyped-def]
-    """Convert epoch seconds to the naive UTC datetime the database stores."""
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(value, UTC).replace(tzinfo=None)

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
+FINAL_EVENTS = ("done", "error")  # every stream ends with exactly one of these
 
 
 class Strict(BaseModel):

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from common import jobs
 from common.bus import TokenBus
 from common.config import Settings
+from common.ids import to_epoch
 from common.models import Job, Message, StoredImage
 from common.queue import QUEUES
 from worker.engine import Engine, GenerationRequest, GenerationResult, Turn
@@ -155,7 +156,7 @@ class JobRunner:
     def _request(self, db: Session, job: Job) -> GenerationRequest:
         """Rebuild the job's conversation (a session's turns, or a batch item's single turn) with its images."""
         params = SamplingParams(**{k: v for k, v in (job.params or {}).items() if k in _PARAM_NAMES})
-        created = _epoch(job.created_at)
+        created = to_epoch(job.created_at)
         if job.session_id is None and job.prompt is not None:
             images = _images(db, list(job.image_ids or []))
             turn = Turn("user", job.prompt, [images[i] for i in job.image_ids or []])
@@ -249,13 +250,6 @@ def _open(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
     return image.convert("RGB")
-
-
-def _epoch(value) -> float | None:  # type: ignore[no-untyped-def]
-    """Convert a stored naive-UTC datetime to epoch seconds."""
-    from datetime import UTC
-
-    return value.replace(tzinfo=UTC).timestamp() if value else None
 
 
 def _is_cuda_error(exc: BaseException) -> bool:

@@ -15,11 +15,10 @@ from common.bus import TokenBus
 from common.errors import ERROR_STATUS, ApiError
 from common.ids import isoformat
 from common.models import Job
-from common.schemas import FINAL_STATUSES, ChatResponse, ErrorDetail, JobAccepted, JobPublic, Links, Usage
+from common.schemas import FINAL_EVENTS, FINAL_STATUSES, ChatResponse, ErrorDetail, JobAccepted, JobPublic, Links, Usage
 
 log = logging.getLogger(__name__)
 
-FINAL_EVENTS = ("done", "error")
 # Re-read the row this often while waiting: a job finished without an event (cancelled while
 # queued, failed by the reaper) must not keep a client waiting until its deadline.
 DB_RECHECK_S = 2.0

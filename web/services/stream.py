@@ -13,10 +13,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from common import jobs
 from common.bus import TokenBus, job_channel
 from common.models import Job
-from common.schemas import FINAL_STATUSES
+from common.schemas import FINAL_EVENTS, FINAL_STATUSES
 from web.services.jobs import timings, usage
 
-FINAL_EVENTS = ("done", "error")
 # How often a follower that hears nothing checks the database (a job may have ended without an event).
 DB_CHECK_S = 2.0
 
