@@ -5,7 +5,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from typing import Annotated
+
 from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
@@ -34,6 +37,17 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(1024 * 1024, gt=0, description="Images are downscaled to at most this area.")
     min_image_pixels: int = Field(64 * 32 * 32, gt=0, description="Processor lower bound on image area.")
     max_images_per_request: int = Field(8, gt=0)
+    low_detail_pixels: int = Field(448 * 448, gt=0, description="Pixel budget of an image sent with detail=low.")
+
+    # Image URLs (/v1 image_url parts): fetched only from listed hosts, never from private addresses
+    allowed_media_domains: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated hosts ('cdn.example.com', '*.example.com'); empty = none.")
+    allowed_media_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated CIDRs that listed hosts may resolve to although private (an internal image "
+                    "server); loopback, link-local and multicast stay refused unless named here.")
+    media_fetch_timeout_s: float = Field(10.0, gt=0, description="Whole-fetch time limit for one image URL.")
+    media_max_redirects: int = Field(3, ge=0, description="Redirects followed per image URL (each re-checked).")
 
     # Generation
     max_tokens_limit: int = Field(2048, gt=0)
@@ -57,6 +71,18 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(3600, gt=0, description="Redis broker redelivery of unacked tasks.")
     worker_id: str | None = Field(None, description="Name shown in health; default host:pid.")
     web_port: int = Field(8501, gt=0, lt=65536)
+
+    # OpenAI-compatible API
+    served_model_name: str | None = Field(None, description="The model id /v1 reports; default: VLGATE_MODEL.")
+    max_choices: int = Field(4, gt=0, le=16, description="Largest `n` a /v1 request may ask for.")
+    sse_keepalive_s: float = Field(10.0, gt=0, description="Comment lines on an SSE stream while the job waits.")
+
+    @field_validator("allowed_media_domains", "allowed_media_networks", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("device")
     @classmethod
