@@ -43,7 +43,8 @@ class TokenBus:
         for job_id, event, length in events:
             key = f"{PREFIX}:job:{job_id}"
             if event["type"] == "token":
-                pipe.append(f"{key}:text", event["text"])
+                if not event.get("index"):  # the snapshot holds choice 0; the done event carries every choice
+                    pipe.append(f"{key}:text", event["text"])
             elif event["type"] == "reset":
                 pipe.set(f"{key}:text", "")
                 pipe.set(f"{key}:reset", event["seq"])

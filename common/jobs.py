@@ -108,6 +108,8 @@ class Outcome:
     completion_tokens: int | None = None
     timings: dict[str, Any] = field(default_factory=dict)
     model: str | None = None
+    choices: list[dict[str, Any]] | None = None  # every choice, when there are several or logprobs
+    image_tokens: int | None = None
 
 
 def finish(db: Session, job_id: str, worker_id: str, outcome: Outcome) -> bool:
@@ -127,6 +129,8 @@ def finish(db: Session, job_id: str, worker_id: str, outcome: Outcome) -> bool:
             completion_tokens=outcome.completion_tokens,
             timings=outcome.timings,
             model=outcome.model,
+            choices=outcome.choices,
+            image_tokens=outcome.image_tokens,
             first_token_at=from_epoch(first) if first else None,
             finished_at=now,
             lease_expires_at=None,

@@ -117,7 +117,10 @@ class Job(Base):
     item_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
     queue: Mapped[str] = mapped_column(String(16), default="chat")
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    # Superseded by ``spec`` (migration 0003); kept for rows written before it.
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The job contract (common.jobspec.JobSpec): the only thing a worker reads to run the job.
+    spec: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     response: Mapped[str | None] = mapped_column(Text, nullable=True)
     finish_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
     error_code: Mapped[str | None] = mapped_column(String(40), nullable=True)
@@ -129,6 +132,9 @@ class Job(Base):
     model: Mapped[str | None] = mapped_column(String(200), nullable=True)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    image_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)  # of prompt_tokens
+    # Every choice (ChoiceOutcome) when the job asked for several or for log-probabilities; else None.
+    choices: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

@@ -2,19 +2,60 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from common.jobspec import SamplingSpec, StopSpec
+
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 FINAL_EVENTS = ("done", "error")  # every stream ends with exactly one of these
+MAX_WAIT_S = 600  # the longest a request may wait for its answer (also the OpenAI SDK's default timeout)
 
 
 class Strict(BaseModel):
     """A request body that rejects unknown fields."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's ``response_format.json_schema``: a named JSON Schema the answer must follow."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field("response", pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """The shape the answer must have: free text, any JSON object, or JSON that follows a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _compilable(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema: required when type is 'json_schema'")
+        from common.grammar import validate_response_format  # the grammar engine, without torch
+
+        validate_response_format(self.wire())
+        return self
+
+    def wire(self) -> dict[str, Any]:
+        """Return the dict stored in the job spec (OpenAI's own shape)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def constrains(self) -> bool:
+        """Tell whether decoding is constrained at all."""
+        return self.type != "text"
 
 
 class GenerationParams(Strict):
@@ -25,14 +66,30 @@ class GenerationParams(Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=1000, description="0 = off.")
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: lowers tokens already generated.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: lowers tokens by their count.")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(None, max_length=4)
     min_tokens: int = Field(0, ge=0, description="Suppress end-of-sequence before this many tokens (as in vLLM).")
+    response_format: ResponseFormat | None = Field(
+        None, description="`{\"type\": \"json_object\"}` or `{\"type\": \"json_schema\", \"json_schema\": "
+                          "{\"name\", \"schema\"}}`: the answer is constrained to JSON (that follows the schema).")
 
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_as_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _format_from_text(cls, value: Any) -> Any:
+        """Accept the JSON text of a response_format (a multipart form field carries it so)."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError("must be a JSON object such as {\"type\": \"json_object\"}") from exc
+        return value
 
     @field_validator("max_tokens", "min_tokens")
     @classmethod
@@ -48,18 +105,18 @@ class GenerationParams(Strict):
             raise ValueError("min_tokens must not exceed max_tokens")
         return self
 
-    def sampling(self, default_temperature: float, default_max_tokens: int) -> dict[str, Any]:
-        """Return the stored parameter set with the server defaults filled in."""
-        return {
-            "temperature": default_temperature if self.temperature is None else self.temperature,
-            "max_tokens": self.max_tokens or default_max_tokens,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "repetition_penalty": self.repetition_penalty,
-            "seed": self.seed,
-            "stop": self.stop or [],
-            "min_tokens": self.min_tokens,
-        }
+    def job_parts(self, default_temperature: float, default_max_tokens: int) -> tuple[SamplingSpec, StopSpec]:
+        """Return the job spec's sampling and stop sections, with the server defaults filled in."""
+        constrained = self.response_format is not None and self.response_format.constrains()
+        sampling = SamplingSpec(
+            temperature=default_temperature if self.temperature is None else self.temperature,
+            top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed,
+            response_format=self.response_format.wire() if constrained and self.response_format else None,
+        )
+        stop = StopSpec(max_tokens=self.max_tokens or default_max_tokens, min_tokens=self.min_tokens,
+                        strings=self.stop or [])
+        return sampling, stop
 
 
 class ChatRequest(GenerationParams):
@@ -69,7 +126,7 @@ class ChatRequest(GenerationParams):
     image: str | None = Field(None, description="One image, standard base64 (a data: URL prefix is accepted).")
     images: list[str] | None = Field(None, description="Several images, same encoding.")
     session_id: str | None = Field(None, pattern=r"^sess_[0-9a-f]{24}$")
-    wait: float | None = Field(None, ge=0, le=600, description="Seconds to wait for the answer before a 202.")
+    wait: float | None = Field(None, ge=0, le=MAX_WAIT_S, description="Seconds to wait for the answer before a 202.")
 
     @field_validator("prompt")
     @classmethod
@@ -110,6 +167,14 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
 
+    @classmethod
+    def of(cls, prompt_tokens: int | None, completion_tokens: int | None) -> Usage | None:
+        """Build the token counts once both are known (the one usage builder)."""
+        if prompt_tokens is None or completion_tokens is None:
+            return None
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
 
 class Links(BaseModel):
     self: str
@@ -135,7 +200,7 @@ class BatchCreate(Strict):
     """``POST /api/batches`` as JSON: the items, and how long to wait (like ``/api/chat``)."""
 
     items: list[dict[str, Any]] = Field(..., min_length=1, description="BatchItemCreate objects, in order.")
-    wait: float | None = Field(None, ge=0, le=600)
+    wait: float | None = Field(None, ge=0, le=MAX_WAIT_S)
 
 
 class BatchCounts(BaseModel):
@@ -288,13 +353,57 @@ class HealthPublic(BaseModel):
     workers: list[WorkerStatus]
 
 
-class TokenEvent(BaseModel):
+class TopLogprob(BaseModel):
+    """One candidate token with its log-probability (OpenAI's shape)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token's log-probability and, if asked for, the most likely alternatives."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceOutcome(BaseModel):
+    """One choice of a job that asked for several (``n``) or for log-probabilities."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+
+
+class _Event(BaseModel):
+    def wire(self) -> dict[str, Any]:
+        """Return the event as sent: the optional fields only where they carry something."""
+        data = self.model_dump()
+        for key in self._optional:
+            if data.get(key) in (None, 0):
+                data.pop(key, None)
+        return data
+
+    _optional: tuple[str, ...] = ()
+
+
+class TokenEvent(_Event):
+    """A text delta of one choice (``index``, 0 unless the job asked for several)."""
+
     type: Literal["token"] = "token"
     seq: int
     text: str
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None
+
+    _optional = ("index", "logprobs")
 
 
-class DoneEvent(BaseModel):
+class DoneEvent(_Event):
+    """The job finished: its answer (choice 0), every choice when there are several, usage and timings."""
+
     type: Literal["done"] = "done"
     seq: int
     response: str
@@ -302,13 +411,27 @@ class DoneEvent(BaseModel):
     status: JobStatus = "succeeded"
     usage: Usage | None = None
     timings: dict[str, float | None] | None = None
+    choices: list[ChoiceOutcome] | None = None
+    image_tokens: int | None = None
+
+    _optional = ("choices", "image_tokens")
 
 
-class ErrorEvent(BaseModel):
+class ErrorEvent(_Event):
+    """The job failed; ``code`` and ``message`` as in the error shape."""
+
     type: Literal["error"] = "error"
     seq: int
     code: str
     message: str
 
 
-StreamEvent = Annotated[TokenEvent | DoneEvent | ErrorEvent, Field(discriminator="type")]
+class ResetEvent(_Event):
+    """A retried job starts its text over: followers drop what they showed."""
+
+    type: Literal["reset"] = "reset"
+    seq: int
+    attempt: int | None = None
+
+
+StreamEvent = Annotated[TokenEvent | DoneEvent | ErrorEvent | ResetEvent, Field(discriminator="type")]

@@ -158,13 +158,13 @@ def wait_for_web(base_url: str, timeout: float = 30) -> None:
 class Stack:
     """One running deployment: Redis, a worker, the web, and their database."""
 
-    def __init__(self, database_url: str, data_dir: Path, log_dir: Path) -> None:
+    def __init__(self, database_url: str, data_dir: Path, log_dir: Path, **env: str) -> None:
         self.database_url = database_url
         self.log_dir = log_dir
         self.redis_port = free_port()
         self.web_port = free_port()
         self.base = f"http://127.0.0.1:{self.web_port}"
-        self.env = stack_env(database_url, f"redis://127.0.0.1:{self.redis_port}/0", data_dir)
+        self.env = stack_env(database_url, f"redis://127.0.0.1:{self.redis_port}/0", data_dir, **env)
         self.redis = redis_server(self.redis_port, log_dir).start()
         self.web = web(self.web_port, self.env, log_dir).start()
         self.workers: list[Service] = []
@@ -201,12 +201,15 @@ class Stack:
 
 
 @contextmanager
-def running_stack(kind: str, tmp: Path, data_dir: Path, worker_name: str) -> Iterator[Stack]:
-    """Run a whole deployment on a fresh `kind` ("sqlite" or "postgres") database; tear it all down after."""
+def running_stack(kind: str, tmp: Path, data_dir: Path, worker_name: str, **env: str) -> Iterator[Stack]:
+    """Run a whole deployment on a fresh `kind` ("sqlite" or "postgres") database; tear it all down after.
+
+    ``env`` adds ``VLGATE_*`` settings for every process of the stack.
+    """
     from tests.conftest import fresh_database
 
     databases = fresh_database(kind, tmp)
-    deployment = Stack(next(databases), data_dir, tmp)
+    deployment = Stack(next(databases), data_dir, tmp, **env)
     try:
         wait_for_web(deployment.base)
         deployment.add_worker(worker_name)

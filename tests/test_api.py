@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import select
 
 from common import jobs
 from common.db import make_session_factory
 from common.ids import new_id
-from common.models import Job
+from common.models import Job, StoredImage
 from tests import webfixtures
 from tests.webfixtures import (
     DEAD_REDIS_URL,
@@ -185,8 +186,14 @@ def test_submit_stores_rows_enqueues_and_deduplicates_images(app: Flask, client:
     with services_of(app).session_factory() as db:
         job = db.get(Job, job_id)
         assert job.queue == "chat" and job.enqueued_at is not None and job.attempts == 0
-        assert job.params["max_tokens"] == 64 and job.params["temperature"] == 0.5  # the server default
+        assert job.spec["stop"]["max_tokens"] == 64 and job.spec["sampling"]["temperature"] == 0.5  # the default
+        (image_id,) = db.scalars(select(StoredImage.id)).all()
+        assert job.spec["turns"] == [{"role": "user", "text": "What is this?", "image_ids": [image_id]}]
         assert job.user_message_id is not None
+        second = db.get(Job, again.get_json()["job_id"])
+        # The job carries the turns the model sees: the first question, then the new one with its two images.
+        assert [t["text"] for t in second.spec["turns"]] == ["What is this?", "And now?"]
+        assert second.spec["turns"][1]["image_ids"] == [image_id] * 2
 
 
 def test_concurrent_submissions_of_one_new_image_store_it_once(app: Flask) -> None:

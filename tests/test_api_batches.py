@@ -145,7 +145,8 @@ def test_a_json_batch_is_stored_in_order_and_enqueued(app: Flask, client: FlaskC
     for i, row in enumerate(rows):
         assert row.queue == "batch" and row.status == "queued" and row.enqueued_at is not None
         assert row.session_id is None and row.user_message_id is None and len(row.image_ids) == 1
-        assert row.params["max_tokens"] == 32 + i and row.params["temperature"] == 0.5
+        assert row.spec["stop"]["max_tokens"] == 32 + i and row.spec["sampling"]["temperature"] == 0.5
+        assert row.spec["turns"] == [{"role": "user", "text": f"Describe {i}", "image_ids": row.image_ids}]
     assert queue_length(app, "batch") == 5 and queue_length(app, "chat") == 0
     assert client.get(f"/api/batches/{batch_id}").get_json() == body
 
@@ -241,8 +242,10 @@ def test_a_multipart_upload_of_200_images_with_3_corrupt_ones(app: Flask, client
     assert failed == {17: "invalid_image", 100: "invalid_image", 199: "invalid_image"}
     queued = [r for r in rows if r.status == "queued"]
     assert len(queued) == 197 and all(r.prompt == "Tag this photo." and len(r.image_ids) == 1 for r in queued)
-    assert queued[0].params == {"temperature": 0.2, "max_tokens": 64, "top_p": 1.0, "top_k": 0,
-                                "repetition_penalty": 1.0, "seed": None, "stop": ["END", "\n\n"], "min_tokens": 0}
+    assert queued[0].spec["sampling"] == {
+        "temperature": 0.2, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+        "frequency_penalty": 0.0, "seed": None, "n": 1, "logprobs": False, "top_logprobs": 0, "response_format": None}
+    assert queued[0].spec["stop"] == {"max_tokens": 64, "min_tokens": 0, "strings": ["END", "\n\n"]}
     assert len({r.image_ids[0] for r in queued}) == 197  # every colour is its own image
     assert queue_length(app, "batch") == 197
 
@@ -283,7 +286,7 @@ def test_an_oversized_file_fails_alone_and_browser_encoding_works(db_url: str, t
     assert [(r.item_name, r.status, r.error_code) for r in rows] == [
         ("a.png", "queued", None), ("big.png", "failed", "image_too_large"), ("文件.png", "queued", None)]
     assert "the limit is 65,536 bytes" in rows[1].error_message
-    assert rows[0].prompt == "¿Qué es esto? 这是什么" and rows[0].params["seed"] == 7
+    assert rows[0].prompt == "¿Qué es esto? 这是什么" and rows[0].spec["sampling"]["seed"] == 7
     services_of(app).close()
 
 

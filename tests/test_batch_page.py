@@ -125,7 +125,7 @@ def test_upload_progress_table_downloads_and_answers_shown_as_text(page, stack: 
     jobs = batch_jobs(stack, batch_id)
     assert [job.item_name for job in jobs] == ordered
     assert {job.prompt for job in jobs} == {"What is in this picture?"}
-    assert {(job.params["temperature"], job.params["max_tokens"]) for job in jobs} == {(0.5, 128)}
+    assert {(job.spec["sampling"]["temperature"], job.spec["stop"]["max_tokens"]) for job in jobs} == {(0.5, 128)}
 
     # The download links are the results URLs.
     table = page.request.get(stack.base + page.get_attribute(".download-csv", "href"))

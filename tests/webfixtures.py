@@ -29,7 +29,7 @@ from common.bus import TokenBus
 from common.config import Settings
 from common.db import make_session_factory
 from common.models import ChatSession, Job, Message, MessageImage, StoredImage
-from common.schemas import WorkerStatus
+from common.schemas import DoneEvent, ErrorEvent, TokenEvent, WorkerStatus
 from tests.conftest import fresh_database
 from web import create_app
 from web.extensions import Services
@@ -177,7 +177,7 @@ class SimulatedWorker(threading.Thread):
             for piece in self.tokens:
                 time.sleep(self.delay_s)
                 seq += 1
-                self.bus.publish(job_id, {"type": "token", "seq": seq, "text": piece})
+                self.bus.publish(job_id, TokenEvent(seq=seq, text=piece).wire())
             answer = "".join(self.tokens)
             outcome = jobs.Outcome(
                 status=self.status, response=answer if self.status != "failed" else "",
@@ -189,7 +189,8 @@ class SimulatedWorker(threading.Thread):
             assert jobs.finish(db, job_id, WORKER_ID, outcome)
         # As a worker does: commit the row, then publish the end of the stream.
         if self.status == "failed":
-            final = {"type": "error", "seq": seq + 1, "code": self.error_code, "message": self.error_message}
+            final = ErrorEvent(seq=seq + 1, code=self.error_code or "generation_failed",
+                               message=self.error_message or "failed").wire()
         else:
-            final = {"type": "done", "seq": seq + 1, "response": answer, "status": self.status}
+            final = DoneEvent(seq=seq + 1, response=answer, status=self.status).wire()
         self.bus.publish(job_id, final)

@@ -9,6 +9,7 @@ from flask import Flask
 
 from common.config import Settings, get_settings
 from web import api, batch_page, errors, extensions, main, ws
+from web.openai import routes as openai_routes
 
 MIB = 1024 * 1024
 
@@ -31,4 +32,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     main.init_app(app)
     batch_page.init_app(app)
     ws.init_app(app)
+    openai_routes.init_app(app)
     return app

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 
 import redis
-from flask import Flask, Response, current_app, jsonify, request
+from flask import Flask, Response, current_app, has_request_context, jsonify, request
 from kombu.exceptions import OperationalError as BrokerError
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
-from common.errors import ERROR_STATUS, ApiError, error_body
+from common.errors import ERROR_STATUS, ApiError, error_body, openai_error_body
 from common.images import ImageError
 
 log = logging.getLogger(__name__)
@@ -27,11 +27,31 @@ HTTP_CODES: dict[int, str] = {
 }
 
 
-def error_response(code: str, message: str, status: int | None = None) -> Response:
-    """Build the JSON answer for an error: ``{"error": {"code", "message"}}`` with its HTTP status."""
-    response = jsonify(error_body(code, message))
-    response.status_code = status if status is not None else ERROR_STATUS.get(code, 500)
+OPENAI_PREFIX = "/v1/"
+
+
+def error_response(code: str, message: str, status: int | None = None, param: str | None = None) -> Response:
+    """Build the JSON answer for an error with its HTTP status, in the shape of the API the path belongs to.
+
+    ``/api`` answers ``{"error": {"code", "message"}}``; ``/v1`` answers OpenAI's
+    ``{"error": {"message", "type", "param", "code"}}``. The code and message are the same in both.
+    """
+    status = status if status is not None else ERROR_STATUS.get(code, 500)
+    openai = has_request_context() and request.path.startswith(OPENAI_PREFIX)
+    response = jsonify(openai_error_body(code, message, status, param) if openai else error_body(code, message))
+    response.status_code = status
     return response
+
+
+def first_field(exc: ValidationError) -> str | None:
+    """Return the dotted name of the first field a validation error names, if any."""
+    for err in exc.errors(include_url=False, include_input=False):
+        if err["loc"]:
+            return ".".join(str(part) for part in err["loc"])
+        head = err["msg"].removeprefix("Value error, ").split(":", 1)[0]
+        if head.replace("_", "").replace(".", "").isalnum():
+            return head
+    return None
 
 
 def validation_message(exc: ValidationError, prefix: str = "") -> str:
@@ -55,7 +75,7 @@ def validation_message(exc: ValidationError, prefix: str = "") -> str:
 
 def _api_error(exc: ApiError) -> Response:
     """Answer an error the code raised on purpose."""
-    return error_response(exc.code, exc.message, exc.status)
+    return error_response(exc.code, exc.message, exc.status, exc.param)
 
 
 def _image_error(exc: ImageError) -> Response:
@@ -65,7 +85,7 @@ def _image_error(exc: ImageError) -> Response:
 
 def _validation_error(exc: ValidationError) -> Response:
     """Answer a body that does not match its schema, naming the fields."""
-    return error_response("invalid_request", validation_message(exc), 400)
+    return error_response("invalid_request", validation_message(exc), 400, first_field(exc))
 
 
 def _http_error(exc: HTTPException) -> Response:

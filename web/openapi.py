@@ -12,6 +12,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from common.errors import ERROR_STATUS
 from common.schemas import (
+    MAX_WAIT_S,
     BatchCreate,
     BatchItemCreate,
     BatchPublic,
@@ -24,6 +25,13 @@ from common.schemas import (
     JobPublic,
     SessionDeleted,
     SessionPublic,
+)
+from web.openai.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    ModelCard,
+    ModelList,
+    OpenAIErrorResponse,
 )
 from web.services.upload import FORM_FIELDS
 
@@ -49,6 +57,7 @@ class Operation:
     body_models: tuple[type[BaseModel], ...] = ()  # the models ``body`` refers to
     text_media: tuple[str, ...] = ()  # other media types the 200 answer can have (``?format=``)
     location: str = "The job's URL."
+    error_model: type[BaseModel] = ErrorResponse  # /v1 answers errors in OpenAI's shape
 
 
 _SUBMIT_ERRORS = (
@@ -56,7 +65,7 @@ _SUBMIT_ERRORS = (
     "unsupported_media_type", "session_not_found", "model_not_loaded", "service_unavailable",
 )
 
-_WAIT = ("wait", {"type": "number", "minimum": 0, "maximum": 600},
+_WAIT = ("wait", {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S},
          "Seconds to wait for every item to be final before answering 202 (a JSON body's `wait` wins).")
 _FORMAT = ("format", {"type": "string", "enum": ["json", "jsonl", "csv"], "default": "json"},
            "`json` (BatchResults), `jsonl` (one BatchItemResult per line) or `csv`.")
@@ -74,6 +83,7 @@ def _batch_body(ref: Ref) -> dict[str, Any]:
     """A JSON batch, or a bulk upload: the text fields first, then any number of image files."""
     fields = BatchItemCreate.model_json_schema()["properties"]
     properties = {name: fields[name] for name in FORM_FIELDS}
+    properties["response_format"] = {"type": "string", "description": "A response_format as JSON text."}
     properties["stop"] = {"type": "array", "items": {"type": "string", "maxLength": 64}, "maxItems": 4,
                           "description": "Repeat the field for several stop strings."}
     properties["files"] = {"type": "array", "items": {"type": "string", "format": "binary"},
@@ -128,6 +138,19 @@ OPERATIONS: tuple[Operation, ...] = (
               {200: (HealthPublic, "Everything is up and a worker has the model loaded."),
                503: (HealthPublic, "Degraded or down; the same report says why.")}),
     Operation("get", "/api/openapi.json", "This document", {200: ("application/json", "The OpenAPI document.")}),
+    Operation("get", "/v1/models", "List the served model (OpenAI-compatible)", {200: (ModelList, "The model.")},
+              error_model=OpenAIErrorResponse),
+    Operation("get", "/v1/models/{model_id}", "Describe the served model (OpenAI-compatible)",
+              {200: (ModelCard, "The model.")}, errors=("model_not_found",), path_params=("model_id",),
+              error_model=OpenAIErrorResponse),
+    Operation("post", "/v1/chat/completions", "Chat completion with images (OpenAI-compatible; `stream` for SSE)",
+              {200: (ChatCompletion, "The answer; with `stream: true`, Server-Sent Events of "
+                                     "`chat.completion.chunk` ending with `data: [DONE]`.")},
+              request=ChatCompletionRequest, text_media=("text/event-stream",), error_model=OpenAIErrorResponse,
+              errors=("invalid_json", "invalid_request", "invalid_image", "invalid_image_url", "image_url_timeout",
+                      "image_too_large", "payload_too_large", "unsupported_media_type", "model_not_found",
+                      "model_not_loaded", "service_unavailable", "generation_failed", "context_length_exceeded",
+                      "worker_lost", "generation_timeout")),
 )
 
 
@@ -136,7 +159,7 @@ def _schemas() -> tuple[dict[tuple[type[BaseModel], JsonSchemaMode], dict[str, A
     inputs = {op.request for op in OPERATIONS if op.request is not None}
     inputs |= {model for op in OPERATIONS for model in op.body_models}
     outputs = {model for op in OPERATIONS for model, _ in op.responses.values() if isinstance(model, type)}
-    outputs.add(ErrorResponse)
+    outputs |= {op.error_model for op in OPERATIONS}
     pairs: list[tuple[type[BaseModel], JsonSchemaMode]] = [(m, "validation") for m in sorted(inputs, key=str)]
     pairs += [(m, "serialization") for m in sorted(outputs, key=str)]
     refs, top = models_json_schema(pairs, ref_template=REF_TEMPLATE)
@@ -163,7 +186,7 @@ def _operation(op: Operation, refs: dict[tuple[type[BaseModel], JsonSchemaMode],
         if status == 202:
             answer["headers"] = {"Location": {"description": op.location, "schema": {"type": "string"}}}
         responses[str(status)] = answer
-    error_ref = refs[(ErrorResponse, "serialization")]
+    error_ref = refs[(op.error_model, "serialization")]
     by_status: dict[int, list[str]] = {}
     for code in (*op.errors, "internal_error"):
         by_status.setdefault(ERROR_STATUS[code], []).append(code)
@@ -203,7 +226,9 @@ def openapi_document() -> dict[str, Any]:
         "info": {
             "title": "vlgate",
             "version": API_VERSION,
-            "description": "Private gateway for Qwen3-VL. Every error is {\"error\": {\"code\", \"message\"}}.",
+            "description": "Private gateway for Qwen3-VL. Every /api error is {\"error\": {\"code\", \"message\"}}; "
+                           "/v1 is OpenAI-compatible and answers errors as {\"error\": {\"message\", \"type\", "
+                           "\"param\", \"code\"}}.",
         },
         "paths": paths,
         "components": {"schemas": components},

@@ -11,13 +11,15 @@ from typing import Any
 import torch
 from PIL import Image
 
+from common.grammar import GrammarError
 from worker.batch import RunningBatch
+from worker.constraints import GrammarCompiler, RowConstraint
 from worker.sampling import RowSampler, SamplingParams
 from worker.textstream import TextStream, TokenDecoder
 
 log = logging.getLogger(__name__)
 
-DeltaCallback = Callable[[str, str], None]
+DeltaCallback = Callable[..., None]  # (request_id, text) or, for rows that asked for them, (…, logprobs)
 FinishCallback = Callable[["GenerationResult"], None]
 CancelCheck = Callable[[list[str]], set[str]]
 AdmitCallback = Callable[[int], list["GenerationRequest"]]
@@ -54,6 +56,8 @@ class GenerationResult:
     timings: dict[str, float | None] = field(default_factory=dict)
     error_code: str | None = None
     error_message: str | None = None
+    logprobs: list[dict[str, Any]] | None = None  # per generated token, when the request asked for them
+    image_tokens: int = 0  # of prompt_tokens
 
     @property
     def usage(self) -> dict[str, int]:
@@ -81,12 +85,16 @@ class ModelInfo:
 class _Row:
     """Decoding state of one request inside a running batch."""
 
-    def __init__(self, request: GenerationRequest, prompt_len: int, decoder: TokenDecoder, device: torch.device,
-                 prompt_ids: list[int]) -> None:
+    def __init__(self, request: GenerationRequest, prompt_ids: list[int], decoder: TokenDecoder, device: torch.device,
+                 constraint: RowConstraint | None, image_tokens: int) -> None:
         self.request = request
-        self.prompt_len = prompt_len
+        self.prompt_len = len(prompt_ids)
+        self.image_tokens = image_tokens
         self.sampler = RowSampler(request.params, device, prompt_ids)
         self.stream = TextStream(decoder, request.params.stop)
+        self.constraint = constraint
+        self.logprobs: list[dict[str, Any]] | None = [] if request.params.logprobs else None
+        self.unsent_logprobs: list[dict[str, Any]] = []  # waiting for the delta their text appears in
         self.started_at = time.time()
         self.first_token_at: float | None = None
         self.generated = 0
@@ -110,7 +118,18 @@ class _Row:
         steady = decode_s > 0 and self.generated > 1
         timings["decode_tokens_per_s"] = (self.generated - 1) / decode_s if steady else None
         return GenerationResult(self.request.request_id, self.stream.text, self.finish_reason or "stop",
-                                self.prompt_len, self.generated, timings)
+                                self.prompt_len, self.generated, timings, logprobs=self.logprobs,
+                                image_tokens=self.image_tokens)
+
+    def emit(self, on_delta: DeltaCallback | None, delta: str) -> None:
+        """Hand a text delta (with the log-probabilities of the tokens behind it, if asked for) to the caller."""
+        if on_delta is None or not (delta or self.unsent_logprobs):
+            return
+        if self.logprobs is None:
+            on_delta(self.request.request_id, delta)
+        else:
+            sent, self.unsent_logprobs = self.unsent_logprobs, []
+            on_delta(self.request.request_id, delta, sent)
 
 
 class Engine:
@@ -127,6 +146,16 @@ class Engine:
         self.eos_ids = _eos_ids(model, self.tokenizer)
         suppress = getattr(getattr(model, "generation_config", None), "suppress_tokens", None)
         self.suppressed = torch.tensor(suppress, dtype=torch.long, device=self.device) if suppress else None
+        self.image_token_id: int | None = getattr(model.config, "image_token_id", None)
+        self._grammars: GrammarCompiler | None = None
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Return the grammar compiler for constrained rows, built on first use (most jobs never need it)."""
+        if self._grammars is None:
+            vocab = int(self.model.get_output_embeddings().weight.shape[0])
+            self._grammars = GrammarCompiler(self.tokenizer, vocab)
+        return self._grammars
 
     # -- prompts ---------------------------------------------------------------------------------
     def render(self, messages: Sequence[Turn]) -> tuple[str, list[Image.Image]]:
@@ -204,8 +233,16 @@ class Engine:
                                      f"prompt ({prompt_len} tokens) + max_tokens exceeds the model's "
                                      f"context of {self.info.max_context} tokens", prompt_len))
                 continue
+            constraint = None
+            if request.params.response_format:
+                try:
+                    constraint = RowConstraint(self.grammars.compile(request.params.response_format))
+                except GrammarError as exc:
+                    finish(_error_result(request, "invalid_request", f"response_format: {exc}", prompt_len))
+                    continue
             ids = features["input_ids"][0].tolist()
-            rows.append(_Row(request, prompt_len, self.decoder, self.device, ids))
+            image_tokens = ids.count(self.image_token_id) if self.image_token_id is not None else 0
+            rows.append(_Row(request, ids, self.decoder, self.device, constraint, image_tokens))
             prepared.append(features)
         if not rows:
             return None
@@ -223,9 +260,7 @@ class Engine:
             else:
                 token = self._advance(row, batch.logits[i], on_delta)
             if row.finish_reason:
-                tail = row.stream.finish()
-                if tail and on_delta:
-                    on_delta(row.request.request_id, tail)
+                row.emit(on_delta, row.stream.finish())
                 finish(row.result())
             else:
                 keep.append(i)
@@ -235,21 +270,46 @@ class Engine:
 
     def _advance(self, row: _Row, logits: torch.Tensor, on_delta: DeltaCallback | None) -> int:
         """Pick the row's next token, stream its text, and decide whether the row is done."""
-        token = row.sampler.pick(logits, self.eos_ids, row.generated, self.suppressed)
+        # The model's own distribution, before penalties, masks and temperature (vLLM's default).
+        raw = torch.log_softmax(logits.float(), dim=-1) if row.logprobs is not None else None
+        eos_floor = row.generated
+        if row.constraint is not None:
+            row.constraint.mask(logits)
+            eos_floor = row.request.params.min_tokens  # the grammar, not min_tokens, decides when it may end
+        token = row.sampler.pick(logits, self.eos_ids, eos_floor, self.suppressed)
         row.generated += 1
         if row.first_token_at is None:
             row.first_token_at = time.time()
         if token in self.eos_ids:
             row.finish_reason = "stop"
             return token
-        delta = row.stream.push(token)
-        if delta and on_delta:
-            on_delta(row.request.request_id, delta)
-        if row.stream.stopped:
+        if row.constraint is not None:
+            row.constraint.accept(token)
+        if raw is not None and row.logprobs is not None:
+            entry = self._logprob_entry(raw, token, row.request.params.top_logprobs)
+            row.logprobs.append(entry)
+            row.unsent_logprobs.append(entry)
+        row.emit(on_delta, row.stream.push(token))
+        if row.stream.stopped or (row.constraint is not None and row.constraint.done):
             row.finish_reason = "stop"
         elif row.generated >= row.request.params.max_tokens:
             row.finish_reason = "length"
         return token
+
+    def _logprob_entry(self, logprobs: torch.Tensor, token: int, top: int) -> dict[str, Any]:
+        """Describe a chosen token and the ``top`` most likely ones in OpenAI's logprobs shape."""
+        entry = self._token_logprob(token, float(logprobs[token]))
+        alternatives = []
+        if top:
+            values, ids = torch.topk(logprobs, top)
+            alternatives = [self._token_logprob(int(i), float(v)) for v, i in zip(values, ids, strict=True)]
+        return {**entry, "top_logprobs": alternatives}
+
+    def _token_logprob(self, token: int, logprob: float) -> dict[str, Any]:
+        """Return one token's text, bytes and log-probability."""
+        raw = self.decoder.token_bytes(token)
+        text = raw.decode("utf-8", "replace") if raw else (self.tokenizer.convert_ids_to_tokens(token) or "")
+        return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(raw)}
 
     def _collate(self, prepared: list[dict]) -> dict[str, torch.Tensor]:
         """Left-pad the rows to one length and concatenate their images in row order."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from common.bus import TokenBus
-from common.schemas import DoneEvent, ErrorEvent, TokenEvent
+from common.jobs import Outcome
+from common.schemas import ChoiceOutcome, DoneEvent, ErrorEvent, ResetEvent, TokenEvent, Usage
 
 
 class EventBuffer:
@@ -37,7 +38,7 @@ class JobPublisher:
         if attempt > 1 and self.seq > 0:
             # A retried job starts its text over; followers drop what they showed so far.
             self.length = 0
-            self._send({"type": "reset", "seq": self._next(), "attempt": attempt})
+            self._send(ResetEvent(seq=self._next(), attempt=attempt).wire())
 
     def _next(self) -> int:
         """Return the next sequence number."""
@@ -53,23 +54,26 @@ class JobPublisher:
             self.buffer.flush()
         self.bus.publish(self.job_id, event, self.length)
 
-    def token(self, text: str) -> None:
-        """Publish a text delta."""
-        if text and not self.closed:
-            self.length += len(text)
-            self._send(TokenEvent(seq=self._next(), text=text).model_dump())
+    def token(self, text: str, index: int = 0, logprobs: list[dict[str, Any]] | None = None) -> None:
+        """Publish a text delta of choice ``index`` (the snapshot's text is choice 0's)."""
+        if (text or logprobs) and not self.closed:
+            if index == 0:
+                self.length += len(text)
+            self._send(TokenEvent(seq=self._next(), text=text, index=index, logprobs=logprobs).wire())
 
-    def done(self, response: str, status: str, finish_reason: str | None, usage: dict | None,
-             timings: dict | None) -> None:
+    def done(self, outcome: Outcome) -> None:
         """Close the stream with the final answer."""
         if not self.closed:
             self.closed = True
-            event = DoneEvent(seq=self._next(), response=response, status=status, finish_reason=finish_reason,
-                              usage=usage, timings=timings)
-            self._send(event.model_dump())
+            choices = [ChoiceOutcome.model_validate(c) for c in outcome.choices] if outcome.choices else None
+            event = DoneEvent(seq=self._next(), response=outcome.response, status=outcome.status,
+                              finish_reason=outcome.finish_reason, timings=outcome.timings,
+                              usage=Usage.of(outcome.prompt_tokens, outcome.completion_tokens),
+                              choices=choices, image_tokens=outcome.image_tokens)
+            self._send(event.wire())
 
     def error(self, code: str, message: str) -> None:
         """Close the stream with an error."""
         if not self.closed:
             self.closed = True
-            self._send(ErrorEvent(seq=self._next(), code=code, message=message).model_dump())
+            self._send(ErrorEvent(seq=self._next(), code=code, message=message).wire())

@@ -1,4 +1,4 @@
-"""Run jobs on a worker: claim, rebuild each conversation, generate them together, store each once."""
+"""Run jobs on a worker: claim, read each job's spec, generate them together, store each once."""
 
 from __future__ import annotations
 
@@ -9,18 +9,20 @@ import time
 from collections.abc import Callable
 
 from PIL import Image
+from pydantic import ValidationError
 from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from common import jobs
 from common.bus import TokenBus
 from common.config import Settings
 from common.ids import to_epoch
-from common.models import Job, Message, StoredImage
+from common.jobspec import JobSpec
+from common.models import Job, StoredImage
 from common.queue import QUEUES
-from worker.engine import Engine, GenerationRequest, GenerationResult, Turn
+from worker.choices import ChoiceSet, requests_for, split_row_id
+from worker.engine import Engine, GenerationRequest, GenerationResult
 from worker.publisher import EventBuffer, JobPublisher
-from worker.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class JobRunner:
         self._publishers: dict[str, JobPublisher] = {}
         self._buffer = EventBuffer(bus)
         self._models: dict[str, str] = {}
+        self._choices: dict[str, ChoiceSet] = {}
 
     def run(self, job_id: str) -> str | None:
         """Run the task's job with whatever else waits; return its final status (None if someone else ran it)."""
@@ -53,7 +56,7 @@ class JobRunner:
             requests = self._requests(db, claimed, engine)
         if not requests:
             return own.status if own is not None else None
-        lease = _LeaseKeeper(self.db, self.worker_id, self.settings.job_lease_s, [r.request_id for r in requests])
+        lease = _LeaseKeeper(self.db, self.worker_id, self.settings.job_lease_s, _job_ids(requests))
         lease.start()
         next_admit = [time.monotonic() + self.settings.admit_interval_s]
 
@@ -66,7 +69,7 @@ class JobRunner:
             with self.db() as db:
                 fresh = self._requests(db, self._claim_more(db, running, self.settings.admit_batch_rows), engine)
             if fresh:
-                lease.add([r.request_id for r in fresh])
+                lease.add(_job_ids(fresh))
                 self.on_busy(lease.ids())
             return fresh
 
@@ -75,10 +78,9 @@ class JobRunner:
             assert engine is not None
             engine.generate(
                 requests,
-                on_delta=lambda rid, delta: self._publishers[rid].token(delta),
+                on_delta=self._delta,
                 on_finish=lambda result: self._finish(result, lease),
-                # Once per step: last step's tokens go out and the cancel flags come back in one round trip.
-                check_cancelled=lambda ids: self._buffer.flush(ids) | (lease.lost & set(ids)),
+                check_cancelled=lambda rids: self._cancelled(rids, lease),
                 admit=admit,
             )
         except Exception as exc:
@@ -113,7 +115,7 @@ class JobRunner:
         return jobs.claim_next(db, self.worker_id, lease, attempts, room, QUEUES[1:]) if room else []
 
     def _requests(self, db: Session, claimed: list[Job], engine: Engine | None) -> list[GenerationRequest]:
-        """Turn claimed jobs into engine requests; a job that cannot run is failed at once."""
+        """Turn claimed jobs into engine requests (one per choice); a job that cannot run is failed at once."""
         requests = []
         for job in claimed:
             self._publishers[job.id] = JobPublisher(self.bus, job.id, job.attempts, self._buffer)
@@ -121,22 +123,43 @@ class JobRunner:
                 self._store(job.id, jobs.Outcome("failed", error_code="model_not_loaded",
                                                  error_message="this worker has no model loaded"))
                 continue
-            self._models[job.id] = engine.info.label
             try:
-                requests.append(self._request(db, job))
+                spec = _spec(job)
+                rows = requests_for(job.id, spec, _images(db, spec.image_ids()), to_epoch(job.created_at))
             except LookupError as exc:
                 self._store(job.id, jobs.Outcome("failed", error_code="invalid_request", error_message=str(exc)))
+                continue
+            self._models[job.id] = engine.info.label
+            self._choices[job.id] = ChoiceSet(spec.sampling.n, spec.sampling.n > 1 or spec.sampling.logprobs)
+            requests.extend(rows)
         return requests
 
+    def _delta(self, request_id: str, text: str, logprobs: list[dict] | None = None) -> None:
+        """Stream one choice's text delta (and its tokens' log-probabilities) on the job's channel."""
+        job_id, index = split_row_id(request_id)
+        self._publishers[job_id].token(text, index, logprobs)
+
+    def _cancelled(self, request_ids: list[str], lease: _LeaseKeeper) -> set[str]:
+        """Once per step: send the step's tokens, read the jobs' cancel flags (one round trip), map them to rows."""
+        job_ids = sorted({split_row_id(rid)[0] for rid in request_ids})
+        stopped = self._buffer.flush(job_ids) | (lease.lost & set(job_ids))
+        return {rid for rid in request_ids if split_row_id(rid)[0] in stopped}
+
     def _finish(self, result: GenerationResult, lease: _LeaseKeeper) -> None:
-        """Store one request's outcome as soon as it is done, while the others keep generating."""
-        lease.remove(result.request_id)
-        self._store(result.request_id, _outcome(result, self._models.get(result.request_id)))
+        """Store a job's outcome as soon as its last choice is done, while the others keep generating."""
+        job_id, index = split_row_id(result.request_id)
+        choices = self._choices.get(job_id)
+        if choices is None or not choices.add(index, result):
+            return
+        del self._choices[job_id]
+        lease.remove(job_id)
+        self._store(job_id, choices.outcome(self._models.get(job_id)))
 
     def _store(self, job_id: str, outcome: jobs.Outcome) -> str | None:
         """Write the outcome once, then close the stream; a job taken from us writes nothing."""
         publisher = self._publishers.pop(job_id, None) or JobPublisher(self.bus, job_id, 1)
         self._models.pop(job_id, None)
+        self._choices.pop(job_id, None)
         with self.db() as db:
             if not jobs.finish(db, job_id, self.worker_id, outcome):
                 log.warning("job %s was taken from this worker before it finished; result dropped", job_id)
@@ -145,36 +168,23 @@ class JobRunner:
         if outcome.status == "failed":
             publisher.error(outcome.error_code or "generation_failed", outcome.error_message or "generation failed")
         else:
-            usage = None
-            if outcome.prompt_tokens is not None:
-                completion = outcome.completion_tokens or 0
-                usage = {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": completion,
-                         "total_tokens": outcome.prompt_tokens + completion}
-            publisher.done(outcome.response, outcome.status, outcome.finish_reason, usage, outcome.timings)
+            publisher.done(outcome)
         return outcome.status
 
-    def _request(self, db: Session, job: Job) -> GenerationRequest:
-        """Rebuild the job's conversation (a session's turns, or a batch item's single turn) with its images."""
-        params = SamplingParams(**{k: v for k, v in (job.params or {}).items() if k in _PARAM_NAMES})
-        created = to_epoch(job.created_at)
-        if job.session_id is None and job.prompt is not None:
-            images = _images(db, list(job.image_ids or []))
-            turn = Turn("user", job.prompt, [images[i] for i in job.image_ids or []])
-            return GenerationRequest(job.id, [turn], params, enqueued_at=created)
-        if job.user_message_id is None or job.session_id is None:
-            raise LookupError("the job's conversation was deleted")
-        messages = db.execute(
-            select(Message)
-            .where(Message.session_id == job.session_id, Message.id <= job.user_message_id)
-            .order_by(Message.id)
-            .options(selectinload(Message.image_links))
-        ).scalars().all()
-        images = _images(db, [link.image_id for m in messages for link in m.image_links])
-        turns = [Turn(m.role, m.text, [images[link.image_id] for link in m.image_links]) for m in messages]
-        return GenerationRequest(job.id, turns, params, enqueued_at=created)
+
+def _job_ids(requests: list[GenerationRequest]) -> list[str]:
+    """Return the distinct jobs behind engine requests."""
+    return sorted({split_row_id(r.request_id)[0] for r in requests})
 
 
-_PARAM_NAMES = set(SamplingParams.__dataclass_fields__)
+def _spec(job: Job) -> JobSpec:
+    """Read the job's contract; a missing or unreadable one is the job's own failure, not the worker's."""
+    if not job.spec:
+        raise LookupError("the job has no spec (stored by an older version and its conversation is gone)")
+    try:
+        return JobSpec.model_validate(job.spec)
+    except ValidationError as exc:
+        raise LookupError(f"the job's spec is not one this worker understands: {exc}") from exc
 
 
 class _LeaseKeeper:
@@ -220,17 +230,6 @@ class _LeaseKeeper:
             with self._lock:
                 # Jobs finished meanwhile left _held; only the still-wanted ones count as lost.
                 self.lost.update((set(wanted) - held) & self._held)
-
-
-def _outcome(result: GenerationResult, model: str | None) -> jobs.Outcome:
-    """Map an engine result onto a stored job outcome."""
-    if result.finish_reason == "error":
-        return jobs.Outcome("failed", error_code=result.error_code, error_message=result.error_message,
-                            prompt_tokens=result.prompt_tokens, model=model)
-    status = "cancelled" if result.finish_reason == "cancelled" else "succeeded"
-    return jobs.Outcome(status, response=result.text, finish_reason=result.finish_reason,
-                        prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                        timings=result.timings, model=model)
 
 
 def _images(db: Session, image_ids: list[str]) -> dict[str, Image.Image]:

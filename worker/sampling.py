@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -20,6 +21,11 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     min_tokens: int = 0  # benchmarks use this so random weights do not stop early
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence of a generated token
+    logprobs: bool = False
+    top_logprobs: int = 0
+    response_format: dict[str, Any] | None = None  # constrained decoding (worker.constraints)
 
     @property
     def greedy(self) -> bool:
@@ -38,6 +44,8 @@ class RowSampler:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(seed)
         self.seen = set(prompt_ids) if params.repetition_penalty != 1.0 else set()
+        # Counts of generated tokens, kept only when an OpenAI-style penalty needs them.
+        self.counts: dict[int, int] | None = {} if params.presence_penalty or params.frequency_penalty else None
 
     def pick(self, logits: torch.Tensor, eos_ids: list[int], generated: int,
              suppressed: torch.Tensor | None = None) -> int:
@@ -50,6 +58,10 @@ class RowSampler:
             idx = torch.tensor(sorted(self.seen), device=logits.device)
             picked = logits[idx]
             logits[idx] = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
+        if self.counts:
+            idx = torch.tensor(list(self.counts), device=logits.device)
+            counts = torch.tensor(list(self.counts.values()), dtype=logits.dtype, device=logits.device)
+            logits[idx] -= p.presence_penalty + p.frequency_penalty * counts
         if generated < p.min_tokens and eos_ids:
             logits[eos_ids] = float("-inf")
         if p.greedy:
@@ -58,6 +70,8 @@ class RowSampler:
             token = self._sample(logits)
         if p.repetition_penalty != 1.0:
             self.seen.add(token)
+        if self.counts is not None:
+            self.counts[token] = self.counts.get(token, 0) + 1
         return token
 
     def _sample(self, logits: torch.Tensor) -> int:

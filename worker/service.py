@@ -16,7 +16,7 @@ from common.bus import TokenBus
 from common.config import Settings
 from common.db import make_engine, make_session_factory
 from common.queue import enqueue, queue_depths
-from common.schemas import WorkerStatus
+from common.schemas import DoneEvent, ErrorEvent, WorkerStatus
 from worker.engine import Engine
 from worker.runner import JobRunner
 
@@ -139,12 +139,12 @@ class WorkerService:
             jobs.mark_enqueued(db, [j for j, _ in lost])
         for job_id in found.failed:
             seq, text, _ = self.bus.snapshot(job_id)
-            self.bus.publish(job_id, {"type": "error", "seq": seq + 1, "code": "worker_lost",
-                                      "message": "the job's worker was lost too many times"}, len(text))
+            lost = ErrorEvent(seq=seq + 1, code="worker_lost", message="the job's worker was lost too many times")
+            self.bus.publish(job_id, lost.wire(), len(text))
         for job_id in found.cancelled:
             seq, text, _ = self.bus.snapshot(job_id)
-            self.bus.publish(job_id, {"type": "done", "seq": seq + 1, "response": text, "status": "cancelled",
-                                      "finish_reason": "cancelled", "usage": None, "timings": None}, len(text))
+            done = DoneEvent(seq=seq + 1, response=text, status="cancelled", finish_reason="cancelled")
+            self.bus.publish(job_id, done.wire(), len(text))
         return found
 
     def _free_gpu(self) -> None:

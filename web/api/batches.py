@@ -9,15 +9,13 @@ from flask import Response, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from common.errors import ApiError
-from common.schemas import BatchPublic
+from common.schemas import MAX_WAIT_S, BatchPublic
 from web.api import bp
 from web.api.body import describe_json_type, json_value
 from web.extensions import get_db, services
 from web.services.batch_results import RESULT_FORMATS, batch_results, render_results
 from web.services.batches import batch_public, cancel_batch, create_json_batch, parse_json_batch, wait_for_batch
 from web.services.upload import UPLOAD_MAX_BYTES, create_upload_batch
-
-MAX_WAIT_S = 600
 
 
 def _query_wait(default: float | None) -> float | None:

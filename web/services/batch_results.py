@@ -23,10 +23,7 @@ ROWS_PER_CHUNK = 100  # rows per piece of the streamed body
 
 def _result(row: Row[Any]) -> BatchItemResult:
     """Render one item's row."""
-    usage = None
-    if row.prompt_tokens is not None and row.completion_tokens is not None:
-        usage = Usage(prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens,
-                      total_tokens=row.prompt_tokens + row.completion_tokens)
+    usage = Usage.of(row.prompt_tokens, row.completion_tokens)
     error = ErrorDetail(code=row.error_code, message=row.error_message or row.error_code) if row.error_code else None
     return BatchItemResult(index=row.batch_index, job_id=row.id, name=row.item_name, status=row.status,
                            response=row.response, finish_reason=row.finish_reason, error=error, usage=usage)

@@ -24,6 +24,7 @@ from common.config import Settings
 from common.errors import ApiError
 from common.ids import isoformat, new_id, utcnow
 from common.images import ImageError, NormalizedImage, image_from_base64
+from common.jobspec import JobSpec, SamplingSpec, StopSpec, TurnSpec
 from common.models import Batch, Job
 from common.queue import BATCH_QUEUE, enqueue
 from common.schemas import BatchCounts, BatchCreate, BatchItemCreate, BatchLinks, BatchPublic
@@ -51,7 +52,8 @@ class PreparedItem:
     """One item ready to store: prompt, parameters, name, and its decoded images or why they failed."""
 
     prompt: str
-    params: dict[str, Any]
+    sampling: SamplingSpec
+    stop: StopSpec
     name: str | None = None
     images: list[NormalizedImage] = field(default_factory=list)
     error: ImageError | None = None
@@ -106,9 +108,12 @@ class BatchWriter:
 
     def _job(self, item: PreparedItem, index: int, now: Any) -> Job:
         """Build an item's job row: queued, or failed with its image's error."""
+        image_ids = [store_image(self.db, image) for image in item.images]
+        spec = JobSpec(turns=[TurnSpec(role="user", text=item.prompt, image_ids=image_ids)], sampling=item.sampling,
+                       stop=item.stop)
         job = Job(id=new_id("job"), batch_id=self.batch_id, batch_index=index, prompt=item.prompt,
-                  image_ids=[store_image(self.db, image) for image in item.images], item_name=item.name,
-                  queue=BATCH_QUEUE, params=item.params, attempts=0, cancel_requested=False, created_at=now)
+                  image_ids=image_ids, item_name=item.name, queue=BATCH_QUEUE, spec=spec.stored(), params={},
+                  attempts=0, cancel_requested=False, created_at=now)
         if item.error is None:
             job.status = "queued"
             self.queued_ids.append(job.id)
@@ -191,8 +196,8 @@ def parse_json_batch(body: dict[str, Any], settings: Settings) -> JsonBatch:
 
 def prepare_json_item(item: BatchItemCreate, settings: Settings) -> PreparedItem:
     """Decode an item's images; a bad one fails the item alone."""
-    prepared = PreparedItem(prompt=item.prompt, name=item.name,
-                            params=item.sampling(settings.default_temperature, settings.default_max_tokens))
+    sampling, stop = item.job_parts(settings.default_temperature, settings.default_max_tokens)
+    prepared = PreparedItem(prompt=item.prompt, name=item.name, sampling=sampling, stop=stop)
     try:
         prepared.images = [
             image_from_base64(value, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)

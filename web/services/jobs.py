@@ -15,7 +15,17 @@ from common.bus import TokenBus
 from common.errors import ERROR_STATUS, ApiError
 from common.ids import isoformat
 from common.models import Job
-from common.schemas import FINAL_EVENTS, FINAL_STATUSES, ChatResponse, ErrorDetail, JobAccepted, JobPublic, Links, Usage
+from common.schemas import (
+    FINAL_EVENTS,
+    FINAL_STATUSES,
+    ChatResponse,
+    DoneEvent,
+    ErrorDetail,
+    JobAccepted,
+    JobPublic,
+    Links,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +54,7 @@ def get_job(db: Session, job_id: str) -> Job:
 
 def usage(job: Job) -> Usage | None:
     """Return token counts when the worker recorded them."""
-    if job.prompt_tokens is None or job.completion_tokens is None:
-        return None
-    return Usage(
-        prompt_tokens=job.prompt_tokens,
-        completion_tokens=job.completion_tokens,
-        total_tokens=job.prompt_tokens + job.completion_tokens,
-    )
+    return Usage.of(job.prompt_tokens, job.completion_tokens)
 
 
 def timings(job: Job) -> dict[str, float | None] | None:
@@ -198,7 +202,6 @@ def announce_cancelled(bus: TokenBus, job_id: str) -> None:
     """End the stream of a job cancelled before any worker took it (no worker will publish for it)."""
     try:
         seq = bus.snapshot(job_id)[0] + 1
-        bus.publish(job_id, {"type": "done", "seq": seq, "response": "", "finish_reason": "cancelled",
-                             "status": "cancelled", "usage": None, "timings": None}, 0)
+        bus.publish(job_id, DoneEvent(seq=seq, response="", finish_reason="cancelled", status="cancelled").wire(), 0)
     except redis.RedisError as exc:  # followers still find the final state in the database
         log.warning("could not announce the cancellation of job %s: %s", job_id, exc)

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from common import jobs
 from common.bus import TokenBus, job_channel
 from common.models import Job
-from common.schemas import FINAL_EVENTS, FINAL_STATUSES
+from common.schemas import FINAL_EVENTS, FINAL_STATUSES, ChoiceOutcome, DoneEvent, ErrorEvent, ResetEvent, TokenEvent
 from web.services.jobs import timings, usage
 
 # How often a follower that hears nothing checks the database (a job may have ended without an event).
@@ -25,12 +25,13 @@ Send = Callable[[dict[str, Any]], None]
 def final_event_from_row(job: Job, seq: int) -> dict[str, Any]:
     """Build the closing event of a finished job from its database row."""
     if job.status == "failed":
-        return {"type": "error", "job_id": job.id, "seq": seq, "code": job.error_code or "generation_failed",
-                "message": job.error_message or "generation failed"}
-    used = usage(job)
-    return {"type": "done", "job_id": job.id, "seq": seq, "response": job.response or "", "status": job.status,
-            "finish_reason": job.finish_reason, "usage": used.model_dump() if used else None,
-            "timings": timings(job)}
+        error = ErrorEvent(seq=seq, code=job.error_code or "generation_failed",
+                           message=job.error_message or "generation failed")
+        return {**error.wire(), "job_id": job.id}
+    choices = [ChoiceOutcome.model_validate(c) for c in job.choices] if job.choices else None
+    done = DoneEvent(seq=seq, response=job.response or "", status=job.status, finish_reason=job.finish_reason,
+                     usage=usage(job), timings=timings(job), choices=choices, image_tokens=job.image_tokens)
+    return {**done.wire(), "job_id": job.id}
 
 
 class Follower:
@@ -52,11 +53,11 @@ class Follower:
             return
         have = bus.resume_point(self.job_id, self.last_seq)
         if have is None:
-            send({"type": "reset", "job_id": self.job_id, "seq": seq})
+            send({**ResetEvent(seq=seq).wire(), "job_id": self.job_id})
             have = 0
         token_seq = seq - 1 if final else seq
         if text[have:] and token_seq > self.last_seq:
-            send({"type": "token", "job_id": self.job_id, "seq": token_seq, "text": text[have:]})
+            send({**TokenEvent(seq=token_seq, text=text[have:]).wire(), "job_id": self.job_id})
         self.last_seq = seq
         if final:
             send({**final, "job_id": self.job_id})
@@ -84,7 +85,7 @@ class Follower:
         if job is None or job.status not in FINAL_STATUSES:
             return
         if self.last_seq == 0 and job.response:
-            send({"type": "token", "job_id": self.job_id, "seq": 1, "text": job.response})
+            send({**TokenEvent(seq=1, text=job.response).wire(), "job_id": self.job_id})
         self.last_seq += 2
         send(final_event_from_row(job, self.last_seq))
         self.finished = True

@@ -4,16 +4,18 @@ then enqueue the job id."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from common.config import Settings
 from common.errors import ApiError
 from common.ids import new_id, utcnow
 from common.images import NormalizedImage, image_from_base64
+from common.jobspec import JobSpec, SamplingSpec, StopSpec, TurnSpec
 from common.models import ChatSession, Job, Message, MessageImage
 from common.queue import CHAT_QUEUE, enqueue
 from common.schemas import ChatRequest
@@ -62,10 +64,44 @@ def _session_exists(db: Session, session_id: str) -> bool:
     return db.execute(select(ChatSession.id).where(ChatSession.id == session_id)).first() is not None
 
 
+@dataclass
+class DraftTurn:
+    """A turn of a stateless request (``/v1``): role, text, and its decoded images."""
+
+    role: str
+    text: str
+    images: list[NormalizedImage] = field(default_factory=list)
+
+
+def _store_images(db: Session, images: list[NormalizedImage]) -> list[str]:
+    """Store images once each (by content) and return their ids in order."""
+    ids_by_sha: dict[str, str] = {}
+    for image in images:
+        if image.sha256 not in ids_by_sha:
+            ids_by_sha[image.sha256] = store_image(db, image)
+    return [ids_by_sha[image.sha256] for image in images]
+
+
+def _history(db: Session, session_id: str) -> list[TurnSpec]:
+    """Return a session's stored turns, oldest first, with their image ids."""
+    messages = db.execute(
+        select(Message).where(Message.session_id == session_id).order_by(Message.id)
+        .options(selectinload(Message.image_links))
+    ).scalars().all()
+    return [TurnSpec(role=m.role, text=m.text, image_ids=m.image_ids) for m in messages]
+
+
+def _new_job(job_id: str, spec: JobSpec, now: datetime, **fields: Any) -> Job:
+    """Build a queued chat-queue job row carrying its spec."""
+    return Job(id=job_id, queue=CHAT_QUEUE, status="queued", spec=spec.stored(), params={}, attempts=0,
+               cancel_requested=False, created_at=now, enqueued_at=now, **fields)
+
+
 def _store(db: Session, request: ChatRequest, images: list[NormalizedImage], settings: Settings) -> Job:
     """Add session, images, user message and job to the session's transaction and commit it."""
     now = utcnow()
     session_id = request.session_id
+    history: list[TurnSpec] = []
     if session_id is None:
         session_id = new_id("sess")
         db.add(ChatSession(id=session_id, created_at=now, updated_at=now))
@@ -74,32 +110,28 @@ def _store(db: Session, request: ChatRequest, images: list[NormalizedImage], set
         if chat is None:  # deleted since we checked
             raise ApiError("session_not_found", f"Session {session_id} does not exist.")
         chat.updated_at = now
-    ids_by_sha: dict[str, str] = {}
-    for image in images:
-        if image.sha256 not in ids_by_sha:
-            ids_by_sha[image.sha256] = store_image(db, image)
+        history = _history(db, session_id)
+    image_ids = _store_images(db, images)
     job_id = new_id("job")
     message = Message(session_id=session_id, role="user", text=request.prompt, job_id=job_id, created_at=now)
-    message.image_links = [
-        MessageImage(position=i, image_id=ids_by_sha[image.sha256]) for i, image in enumerate(images)
-    ]
+    message.image_links = [MessageImage(position=i, image_id=image_id) for i, image_id in enumerate(image_ids)]
     db.add(message)
     db.flush()  # assigns the message id the job points at
-    job = Job(
-        id=job_id,
-        session_id=session_id,
-        user_message_id=message.id,
-        queue=CHAT_QUEUE,
-        status="queued",
-        params=request.sampling(settings.default_temperature, settings.default_max_tokens),
-        attempts=0,
-        cancel_requested=False,
-        created_at=now,
-        enqueued_at=now,
-    )
+    sampling, stop = request.job_parts(settings.default_temperature, settings.default_max_tokens)
+    spec = JobSpec(turns=[*history, TurnSpec(role="user", text=request.prompt, image_ids=image_ids)],
+                   sampling=sampling, stop=stop)
+    job = _new_job(job_id, spec, now, session_id=session_id, user_message_id=message.id)
     db.add(job)
     db.commit()
     return job
+
+
+def _enqueue(services: Services, job: Job) -> None:
+    """Send the committed job to its queue; a broker hiccup leaves it to the reaper."""
+    try:
+        enqueue(services.celery, job.id, job.queue)
+    except Exception as exc:  # the row is safe; the workers' reaper re-enqueues stale queued jobs
+        log.warning("could not enqueue job %s (it stays queued for the reaper): %s", job.id, exc)
 
 
 def submit_chat(db: Session, services: Services, body: Any) -> Submitted:
@@ -115,8 +147,22 @@ def submit_chat(db: Session, services: Services, body: Any) -> Submitted:
     except BaseException:
         db.rollback()
         raise
-    try:
-        enqueue(services.celery, job.id, CHAT_QUEUE)
-    except Exception as exc:  # the row is safe; the workers' reaper re-enqueues stale queued jobs
-        log.warning("could not enqueue job %s (it stays queued for the reaper): %s", job.id, exc)
+    _enqueue(services, job)
     return Submitted(job=job, session_id=job.session_id or "", wait_s=request.wait)
+
+
+def submit_turns(db: Session, services: Services, turns: list[DraftTurn], sampling: SamplingSpec,
+                 stop: StopSpec) -> Job:
+    """Store a stateless conversation (no session) as one job with its images, then enqueue it."""
+    require_model(services.bus, services.settings.model_wait_s)
+    try:
+        specs = [TurnSpec(role=t.role, text=t.text, image_ids=_store_images(db, t.images))
+                 for t in turns]
+        job = _new_job(new_id("job"), JobSpec(turns=specs, sampling=sampling, stop=stop), utcnow())
+        db.add(job)
+        db.commit()
+    except BaseException:
+        db.rollback()
+        raise
+    _enqueue(services, job)
+    return job

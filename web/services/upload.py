@@ -137,9 +137,10 @@ def parse_form(fields: dict[str, Any], settings: Settings) -> BatchItemCreate:
     return BatchItemCreate.model_validate(fields, context=validation_context(settings))
 
 
-def prepare_file(part: FilePart, prompt: str, params: dict[str, Any], settings: Settings) -> PreparedItem:
+def prepare_file(part: FilePart, form: BatchItemCreate, settings: Settings) -> PreparedItem:
     """Normalise an uploaded image; a bad or oversized one fails its item alone."""
-    item = PreparedItem(prompt=prompt, params=params, name=part.filename[:255] or None)
+    sampling, stop = form.job_parts(settings.default_temperature, settings.default_max_tokens)
+    item = PreparedItem(prompt=form.prompt, sampling=sampling, stop=stop, name=part.filename[:255] or None)
     if part.data is None:
         item.error = ImageError(IMAGE_TOO_LARGE, f"The file is {part.size:,} bytes; the limit is "
                                                  f"{settings.max_image_bytes:,} bytes.", 413)
@@ -157,7 +158,7 @@ def create_upload_batch(db: Session, services: Services, stream: IO[bytes], boun
     settings = services.settings
     fields: dict[str, Any] = {}
     writer: BatchWriter | None = None
-    shared: tuple[str, dict[str, Any]] = ("", {})
+    form: BatchItemCreate | None = None
     try:
         for part in iter_parts(stream, boundary, max_file_bytes=settings.max_image_bytes,
                                max_text_bytes=settings.max_prompt_chars * 4 + 1024):
@@ -169,12 +170,11 @@ def create_upload_batch(db: Session, services: Services, stream: IO[bytes], boun
                 continue
             if writer is None:  # the first file: the text fields are complete
                 form = parse_form(fields, settings)
-                params = form.sampling(settings.default_temperature, settings.default_max_tokens)
                 require_model(services.bus, settings.model_wait_s)
-                shared = (form.prompt, params)
-                writer = BatchWriter(db, services.celery, source="upload", params={"prompt": form.prompt, **params})
-            if part.filename or part.size:  # an empty file input sends an empty, unnamed part
-                writer.add(prepare_file(part, *shared, settings))
+                shown = form.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)
+                writer = BatchWriter(db, services.celery, source="upload", params=shown)
+            if form is not None and (part.filename or part.size):  # an empty file input sends an empty part
+                writer.add(prepare_file(part, form, settings))
         if writer is None:
             parse_form(fields, settings)  # a missing prompt is the first thing to say
         if writer is None or writer.total == 0:
