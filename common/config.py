@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -80,6 +81,14 @@ class Settings(BaseSettings):
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("allowed_media_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        """Refuse a malformed CIDR at start-up rather than at the first image fetch."""
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)
         return value
 
     @field_validator("device")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -36,6 +37,9 @@ def main() -> None:
 @click.option("--repetition-penalty", type=click.FloatRange(0, 2, min_open=True))
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Same seed, same answer.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable, up to 4).")
+@click.option("--json-schema", "json_schema", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A JSON Schema file: every answer is JSON that follows it (constrained decoding).")
+@click.option("--json", "json_object", is_flag=True, help="Every answer is a JSON object (no particular schema).")
 @click.option("--recursive", "-r", is_flag=True, help="Include images in subfolders (named by relative path).")
 @click.option("--chunk", type=click.IntRange(min=1), default=500, show_default=True,
               help="Files per server batch; a folder of 10,000 images becomes several batches.")
@@ -44,8 +48,8 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def batch(directory: Path, prompt: str, out: Path, server: str, temperature: float | None, max_tokens: int | None,
           min_tokens: int | None, top_p: float | None, top_k: int | None, repetition_penalty: float | None,
-          seed: int | None, stop: tuple[str, ...], recursive: bool, chunk: int, cancel_on_exit: bool,
-          quiet: bool) -> None:
+          seed: int | None, stop: tuple[str, ...], json_schema: Path | None, json_object: bool, recursive: bool,
+          chunk: int, cancel_on_exit: bool, quiet: bool) -> None:
     """Describe every image in DIRECTORY; write one JSON line per image to --out.
 
     \b
@@ -64,9 +68,30 @@ def batch(directory: Path, prompt: str, out: Path, server: str, temperature: flo
               "top_k": top_k, "repetition_penalty": repetition_penalty, "seed": seed}
     fields = [(name, str(value)) for name, value in params.items() if value is not None]
     fields += [("stop", value) for value in stop]
+    response_format = _response_format(json_schema, json_object)
+    if response_format is not None:
+        fields.append(("response_format", json.dumps(response_format)))
     options = BatchOptions(directory=directory, prompt=prompt, out=out, params=fields, recursive=recursive,
                            chunk=chunk, cancel_on_exit=cancel_on_exit, quiet=quiet)
     sys.exit(BatchRun(options, Client(server)).run())
+
+
+def _response_format(schema_file: Path | None, json_object: bool) -> dict | None:
+    """Build the response_format for --json-schema or --json (the server checks that it compiles)."""
+    if schema_file is not None and json_object:
+        raise click.BadParameter("give --json-schema or --json, not both", param_hint="--json")
+    if json_object:
+        return {"type": "json_object"}
+    if schema_file is None:
+        return None
+    try:
+        schema = json.loads(schema_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"{schema_file} is not JSON: {exc}", param_hint="--json-schema") from exc
+    if not isinstance(schema, dict):
+        raise click.BadParameter(f"{schema_file} must hold a JSON object", param_hint="--json-schema")
+    name = re.sub(r"[^a-zA-Z0-9_-]", "_", schema_file.stem)[:64] or "result"
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
 
 @main.command()

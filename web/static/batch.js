@@ -24,6 +24,7 @@ const ui = {
   fileSummary: $("file-summary"), fileSample: $("file-sample"), clearFiles: $("clear-files"),
   prompt: $("prompt"), temperature: $("temperature"), temperatureValue: $("temperature-value"),
   maxTokens: $("max-tokens"), maxTokensValue: $("max-tokens-value"), formError: $("form-error"),
+  schema: $("json-schema"),
   start: $("start-button"), cancel: $("cancel-button"), progress: $("progress"), progressFill: $("progress-fill"),
   progressText: $("progress-text"), downloads: $("downloads"), body: $("results-body"),
   empty: $("results-empty"), banner: $("model-banner"), darkMode: $("dark-mode"),
@@ -249,6 +250,8 @@ function uploadChunk(chunk, number, count) {
   form.append("prompt", ui.prompt.value);
   form.append("temperature", ui.temperature.value);
   form.append("max_tokens", ui.maxTokens.value);
+  const format = responseFormat();
+  if (format) form.append("response_format", JSON.stringify(format));
   for (const item of chunk) form.append("files", item.file, item.name);
   // XMLHttpRequest rather than fetch: it reports upload progress, which a folder of photos needs.
   return new Promise((resolve, reject) => {
@@ -269,6 +272,15 @@ function uploadChunk(chunk, number, count) {
   });
 }
 
+/** The response_format for the JSON Schema box: null when empty; throws on text that is not a JSON object. */
+function responseFormat() {
+  const text = ui.schema.value.trim();
+  if (!text) return null;
+  const schema = JSON.parse(text);
+  if (typeof schema !== "object" || schema === null || Array.isArray(schema)) throw new SyntaxError("not an object");
+  return { type: "json_schema", json_schema: { name: "result", schema, strict: true } };
+}
+
 function track(body, offset) {
   const batch = { id: body.batch_id, offset, total: body.total, links: body.links, counts: body.counts,
     status: body.status, final: false, seen: "" };
@@ -286,6 +298,11 @@ async function start(event) {
   const files = state.files;
   if (!files.length) return showFormError("请先选择图片 Choose some images first.");
   if (!ui.prompt.value.trim()) return showFormError("请输入提示词 Enter a prompt.");
+  try {
+    responseFormat();
+  } catch {
+    return showFormError("JSON Schema 不是有效的 JSON 对象 The JSON Schema box must hold a JSON object.");
+  }
   showFormError("");
   resetRun(files.length);
   files.forEach((item, index) => setRowStatus(ensureRow(index, item.name), "waiting"));
