@@ -13,7 +13,7 @@ from PIL import Image
 
 from common.grammar import GrammarError
 from worker.batch import RunningBatch
-from worker.constraints import GrammarCompiler, RowConstraint
+from worker.constraints import GrammarCompiler, RowConstraint, mask_rows
 from worker.sampling import RowSampler, SamplingParams
 from worker.textstream import TextStream, TokenDecoder
 
@@ -99,6 +99,7 @@ class _Row:
         self.first_token_at: float | None = None
         self.generated = 0
         self.finish_reason: str | None = None
+        self.error: str | None = None  # why the row failed alone (finish_reason "error")
 
     def result(self) -> GenerationResult:
         """Build the final result of this row."""
@@ -119,7 +120,8 @@ class _Row:
         timings["decode_tokens_per_s"] = (self.generated - 1) / decode_s if steady else None
         return GenerationResult(self.request.request_id, self.stream.text, self.finish_reason or "stop",
                                 self.prompt_len, self.generated, timings, logprobs=self.logprobs,
-                                image_tokens=self.image_tokens)
+                                image_tokens=self.image_tokens, error_code="generation_failed" if self.error else None,
+                                error_message=self.error)
 
     def emit(self, on_delta: DeltaCallback | None, delta: str) -> None:
         """Hand a text delta (with the log-probabilities of the tokens behind it, if asked for) to the caller."""
@@ -154,7 +156,7 @@ class Engine:
         """Return the grammar compiler for constrained rows, built on first use (most jobs never need it)."""
         if self._grammars is None:
             vocab = int(self.model.get_output_embeddings().weight.shape[0])
-            self._grammars = GrammarCompiler(self.tokenizer, vocab)
+            self._grammars = GrammarCompiler(self.tokenizer, vocab, eos_ids=self.eos_ids)
         return self._grammars
 
     # -- prompts ---------------------------------------------------------------------------------
@@ -252,13 +254,25 @@ class Engine:
                 check_cancelled: CancelCheck | None) -> list[int]:
         """Pick every row's next token; finish and drop the rows that are done; return the others' tokens."""
         cancelled = check_cancelled([r.request.request_id for r in batch.rows]) if check_cancelled else set()
+        # Log-probabilities come from the model's own distribution, before masks and penalties (vLLM's default).
+        raw = {i: torch.log_softmax(batch.logits[i].float(), dim=-1)
+               for i, row in enumerate(batch.rows) if row.logprobs is not None}
+        constraints = [row.constraint for row in batch.rows]
+        if any(constraints):
+            mask_rows(constraints, batch.logits)  # every constrained row's grammar mask in one go
         tokens, keep = [], []
         for i, row in enumerate(batch.rows):
             token = None
             if row.request.request_id in cancelled:
                 row.finish_reason = "cancelled"
             else:
-                token = self._advance(row, batch.logits[i], on_delta)
+                try:
+                    token = self._advance(row, batch.logits[i], raw.get(i), on_delta)
+                except (RuntimeError, ValueError) as exc:
+                    if device_fault(exc):
+                        raise  # the worker's problem, not this row's
+                    log.warning("row %s failed to sample: %s", row.request.request_id, exc)
+                    row.finish_reason, row.error = "error", f"sampling failed: {exc}"
             if row.finish_reason:
                 row.emit(on_delta, row.stream.finish())
                 finish(row.result())
@@ -268,15 +282,13 @@ class Engine:
         batch.keep(keep)
         return tokens
 
-    def _advance(self, row: _Row, logits: torch.Tensor, on_delta: DeltaCallback | None) -> int:
-        """Pick the row's next token, stream its text, and decide whether the row is done."""
-        # The model's own distribution, before penalties, masks and temperature (vLLM's default).
-        raw = torch.log_softmax(logits.float(), dim=-1) if row.logprobs is not None else None
-        eos_floor = row.generated
-        if row.constraint is not None:
-            row.constraint.mask(logits)
-            eos_floor = row.request.params.min_tokens  # the grammar, not min_tokens, decides when it may end
-        token = row.sampler.pick(logits, self.eos_ids, eos_floor, self.suppressed)
+    def _advance(self, row: _Row, logits: torch.Tensor, raw: torch.Tensor | None,
+                 on_delta: DeltaCallback | None) -> int:
+        """Pick the row's next token (``raw``: its unmasked log-probabilities, if asked for), stream its text,
+        and decide whether the row is done."""
+        # A constrained row's grammar, not min_tokens, decides when it may end (its mask allows nothing else).
+        counted = row.request.params.min_tokens if row.constraint is not None else row.generated
+        token = row.sampler.pick(logits, self.eos_ids, counted, self.suppressed)
         row.generated += 1
         if row.first_token_at is None:
             row.first_token_at = time.time()
@@ -340,6 +352,11 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return sorted(ids)
+
+
+def device_fault(exc: BaseException) -> bool:
+    """Tell a GPU fault (the worker must report itself unhealthy) from one row's bad numbers."""
+    return "CUDA" in str(exc) or type(exc).__name__ in ("OutOfMemoryError", "AcceleratorError")
 
 
 def _error_result(request: GenerationRequest, code: str, message: str, prompt_tokens: int = 0) -> GenerationResult:

@@ -21,7 +21,7 @@ from common.jobspec import JobSpec
 from common.models import Job, StoredImage
 from common.queue import QUEUES
 from worker.choices import ChoiceSet, requests_for, split_row_id
-from worker.engine import Engine, GenerationRequest, GenerationResult
+from worker.engine import Engine, GenerationRequest, GenerationResult, device_fault
 from worker.publisher import EventBuffer, JobPublisher
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class JobRunner:
             for rid in lease.ids():
                 self._store(rid, jobs.Outcome("failed", error_code="generation_failed",
                                               error_message=f"{type(exc).__name__}: {exc}"))
-            if _is_cuda_error(exc):
+            if device_fault(exc):
                 raise  # the service frees memory and reports the worker unhealthy
             return "failed" if own is not None else None
         finally:
@@ -249,8 +249,3 @@ def _open(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
     return image.convert("RGB")
-
-
-def _is_cuda_error(exc: BaseException) -> bool:
-    """Tell whether an exception came from the GPU (the worker must report itself unhealthy)."""
-    return "CUDA" in str(exc) or type(exc).__name__ in ("OutOfMemoryError", "AcceleratorError")

@@ -74,7 +74,8 @@ class CompletionStream:
         keepalive = self.services.settings.sse_keepalive_s
         try:
             hub.follow(self.job_id)
-            yield self.chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(self.n)])
+            for i in range(self.n):  # one choice per chunk, as OpenAI streams several choices
+                yield self.chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
             quiet_since = time.monotonic()
             while True:
                 while pending:
@@ -110,8 +111,8 @@ class CompletionStream:
             reasons = {c.index: c.finish_reason for c in event.choices or []} or {0: event.finish_reason}
             if event.status == "cancelled":
                 reasons = dict.fromkeys(range(self.n), "cancelled")
-            yield self.chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=finish_reason(reasons.get(i)))
-                              for i in range(self.n)])
+            for i in range(self.n):
+                yield self.chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=finish_reason(reasons.get(i)))])
             if self.include_usage and event.usage is not None:
                 usage = completion_usage(event.usage.prompt_tokens, event.usage.completion_tokens, event.image_tokens)
                 yield self.chunk([], usage=usage)
