@@ -196,3 +196,25 @@ def test_cancel_stops_what_has_not_run_and_the_theme_follows_the_chat_page(page,
     batch = requests.get(f"{stack.base}/api/batches/{batch_id}", timeout=10).json()
     assert batch["status"] == "cancelled" and batch["counts"]["cancelled"] >= 6
     assert page.locator("#results-body tr[data-status=cancelled]").count() == batch["counts"]["cancelled"]
+
+
+def test_a_json_schema_makes_every_answer_json(page, stack: Stack) -> None:
+    from playwright.sync_api import expect
+
+    schema = {"type": "object", "properties": {"kind": {"type": "string", "enum": ["photo", "scan"]}},
+              "required": ["kind"], "additionalProperties": False}
+    page.set_input_files("#file-input", files=png_files(["a.png", "b.png"]))
+    page.fill("#prompt", "Which kind?")
+    page.click("#schema-option summary")
+    page.fill("#json-schema", "{not json")
+    page.click("#start-button")
+    expect(page.locator("#form-error")).to_contain_text("JSON Schema")
+    page.fill("#json-schema", json.dumps(schema))
+    page.click("#start-button")
+    expect(page.locator("#progress")).to_have_attribute("aria-valuenow", "100")
+    batch_id = page.locator("#downloads code").first.text_content()
+    jobs = batch_jobs(stack, batch_id)
+    assert [job.status for job in jobs] == ["succeeded", "succeeded"]
+    assert {json.dumps(job.spec["sampling"]["response_format"]["json_schema"]["schema"]) for job in jobs} == {
+        json.dumps(schema)}
+    assert sorted(json.loads(job.response)["kind"] in ("photo", "scan") for job in jobs) == [True, True]

@@ -213,3 +213,28 @@ def test_no_loaded_model_is_exit_2_before_anything_is_uploaded(stack: Stack, tmp
         assert set(server_batches(stack)) == known
     finally:
         lonely.stop()
+
+
+TAGS = {"type": "object", "properties": {"kind": {"type": "string", "enum": ["photo", "scan", "mockup"]},
+                                         "label": {"type": "string", "maxLength": 10}},
+        "required": ["kind", "label"], "additionalProperties": False}
+
+
+def test_a_json_schema_tags_every_image_with_valid_json(stack: Stack, tmp_path: Path):
+    import jsonschema
+
+    folder, out, schema = tmp_path / "shop", tmp_path / "tags.jsonl", tmp_path / "product tags.json"
+    add_images(folder, [f"p{i}.png" for i in range(4)])
+    schema.write_text(json.dumps(TAGS))
+    result = run_cli(stack, folder, out, "--json-schema", str(schema), "--max-tokens", "200", "--temperature", "1")
+    assert result.exit_code == 0, result.output
+    lines = read_out(out)
+    assert [line["name"] for line in lines] == [f"p{i}.png" for i in range(4)]
+    for line in lines:
+        jsonschema.validate(json.loads(line["response"]), TAGS)
+    with stack.db.connect() as conn:
+        spec = conn.execute(select(Job.spec).where(Job.item_name == "p0.png")).scalars().all()[-1]
+    assert spec["sampling"]["response_format"]["json_schema"]["name"] == "product_tags"
+    bad = CliRunner().invoke(main, ["batch", str(folder), "-p", PROMPT, "-o", str(tmp_path / "x.jsonl"),
+                                    "--server", stack.base, "--json", "--json-schema", str(schema), "-q"])
+    assert bad.exit_code == 2 and "not both" in bad.output

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,125 +13,22 @@ from PIL import Image
 from common.grammar import GrammarError
 from worker.batch import RunningBatch
 from worker.constraints import GrammarCompiler, RowConstraint, mask_rows
-from worker.sampling import RowSampler, SamplingParams
-from worker.textstream import TextStream, TokenDecoder
+from worker.generation import (
+    AdmitCallback,
+    CancelCheck,
+    DeltaCallback,
+    FinishCallback,
+    GenerationRequest,
+    GenerationResult,
+    ModelInfo,
+    Turn,
+)
+from worker.row import Row
+from worker.textstream import TokenDecoder
+
+__all__ = ["Engine", "GenerationRequest", "GenerationResult", "ModelInfo", "Turn", "device_fault"]
 
 log = logging.getLogger(__name__)
-
-DeltaCallback = Callable[..., None]  # (request_id, text) or, for rows that asked for them, (…, logprobs)
-FinishCallback = Callable[["GenerationResult"], None]
-CancelCheck = Callable[[list[str]], set[str]]
-AdmitCallback = Callable[[int], list["GenerationRequest"]]
-
-
-@dataclass
-class Turn:
-    """One message of a conversation: its role, its text and the images it carries."""
-
-    role: str
-    text: str
-    images: list[Image.Image] = field(default_factory=list)
-
-
-@dataclass
-class GenerationRequest:
-    """A conversation to continue, with its decoding parameters."""
-
-    request_id: str
-    messages: list[Turn]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    enqueued_at: float | None = None  # epoch seconds, for the queue time
-
-
-@dataclass
-class GenerationResult:
-    """What one request produced, why it stopped, and what it cost."""
-
-    request_id: str
-    text: str
-    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    timings: dict[str, float | None] = field(default_factory=dict)
-    error_code: str | None = None
-    error_message: str | None = None
-    logprobs: list[dict[str, Any]] | None = None  # per generated token, when the request asked for them
-    image_tokens: int = 0  # of prompt_tokens
-
-    @property
-    def usage(self) -> dict[str, int]:
-        """Return OpenAI-style token counts."""
-        total = self.prompt_tokens + self.completion_tokens
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": total}
-
-
-@dataclass
-class ModelInfo:
-    """What is loaded, where, and why it may differ from what was asked for."""
-
-    requested: str
-    path: str
-    label: str
-    is_demo: bool
-    device: str
-    dtype: str
-    parameters: int
-    max_context: int
-    fallback_reason: str | None = None  # the configured model failed and the demo model serves instead
-    device_fallback_reason: str | None = None  # the GPU failed and the CPU serves instead
-
-
-class _Row:
-    """Decoding state of one request inside a running batch."""
-
-    def __init__(self, request: GenerationRequest, prompt_ids: list[int], decoder: TokenDecoder, device: torch.device,
-                 constraint: RowConstraint | None, image_tokens: int) -> None:
-        self.request = request
-        self.prompt_len = len(prompt_ids)
-        self.image_tokens = image_tokens
-        self.sampler = RowSampler(request.params, device, prompt_ids)
-        self.stream = TextStream(decoder, request.params.stop)
-        self.constraint = constraint
-        self.logprobs: list[dict[str, Any]] | None = [] if request.params.logprobs else None
-        self.unsent_logprobs: list[dict[str, Any]] = []  # waiting for the delta their text appears in
-        self.started_at = time.time()
-        self.first_token_at: float | None = None
-        self.generated = 0
-        self.finish_reason: str | None = None
-        self.error: str | None = None  # why the row failed alone (finish_reason "error")
-
-    def result(self) -> GenerationResult:
-        """Build the final result of this row."""
-        done = time.time()
-        queued = self.request.enqueued_at
-        timings = {
-            "queued_at": queued,
-            "started_at": self.started_at,
-            "first_token_at": self.first_token_at,
-            "finished_at": done,
-            "queue_ms": (self.started_at - queued) * 1000 if queued else None,
-            "time_to_first_token_ms": ((self.first_token_at - self.started_at) * 1000
-                                       if self.first_token_at else None),
-            "generation_ms": (done - self.started_at) * 1000,
-        }
-        decode_s = done - (self.first_token_at or done)
-        steady = decode_s > 0 and self.generated > 1
-        timings["decode_tokens_per_s"] = (self.generated - 1) / decode_s if steady else None
-        return GenerationResult(self.request.request_id, self.stream.text, self.finish_reason or "stop",
-                                self.prompt_len, self.generated, timings, logprobs=self.logprobs,
-                                image_tokens=self.image_tokens, error_code="generation_failed" if self.error else None,
-                                error_message=self.error)
-
-    def emit(self, on_delta: DeltaCallback | None, delta: str) -> None:
-        """Hand a text delta (with the log-probabilities of the tokens behind it, if asked for) to the caller."""
-        if on_delta is None or not (delta or self.unsent_logprobs):
-            return
-        if self.logprobs is None:
-            on_delta(self.request.request_id, delta)
-        else:
-            sent, self.unsent_logprobs = self.unsent_logprobs, []
-            on_delta(self.request.request_id, delta, sent)
-
 
 class Engine:
     """A loaded model with its processor: prepares prompts and runs batched decoding."""
@@ -244,7 +140,7 @@ class Engine:
                     continue
             ids = features["input_ids"][0].tolist()
             image_tokens = ids.count(self.image_token_id) if self.image_token_id is not None else 0
-            rows.append(_Row(request, ids, self.decoder, self.device, constraint, image_tokens))
+            rows.append(Row(request, ids, self.decoder, self.device, constraint, image_tokens))
             prepared.append(features)
         if not rows:
             return None
@@ -282,7 +178,7 @@ class Engine:
         batch.keep(keep)
         return tokens
 
-    def _advance(self, row: _Row, logits: torch.Tensor, raw: torch.Tensor | None,
+    def _advance(self, row: Row, logits: torch.Tensor, raw: torch.Tensor | None,
                  on_delta: DeltaCallback | None) -> int:
         """Pick the row's next token (``raw``: its unmasked log-probabilities, if asked for), stream its text,
         and decide whether the row is done."""
@@ -298,7 +194,7 @@ class Engine:
         if row.constraint is not None:
             row.constraint.accept(token)
         if raw is not None and row.logprobs is not None:
-            entry = self._logprob_entry(raw, token, row.request.params.top_logprobs)
+            entry = row.logprob_entry(raw, token)
             row.logprobs.append(entry)
             row.unsent_logprobs.append(entry)
         row.emit(on_delta, row.stream.push(token))
@@ -307,21 +203,6 @@ class Engine:
         elif row.generated >= row.request.params.max_tokens:
             row.finish_reason = "length"
         return token
-
-    def _logprob_entry(self, logprobs: torch.Tensor, token: int, top: int) -> dict[str, Any]:
-        """Describe a chosen token and the ``top`` most likely ones in OpenAI's logprobs shape."""
-        entry = self._token_logprob(token, float(logprobs[token]))
-        alternatives = []
-        if top:
-            values, ids = torch.topk(logprobs, top)
-            alternatives = [self._token_logprob(int(i), float(v)) for v, i in zip(values, ids, strict=True)]
-        return {**entry, "top_logprobs": alternatives}
-
-    def _token_logprob(self, token: int, logprob: float) -> dict[str, Any]:
-        """Return one token's text, bytes and log-probability."""
-        raw = self.decoder.token_bytes(token)
-        text = raw.decode("utf-8", "replace") if raw else (self.tokenizer.convert_ids_to_tokens(token) or "")
-        return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(raw)}
 
     def _collate(self, prepared: list[dict]) -> dict[str, torch.Tensor]:
         """Left-pad the rows to one length and concatenate their images in row order."""

@@ -1,0 +1,73 @@
+"""What the engine takes and gives: conversations to continue, their results, and the loaded model's facts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from worker.sampling import SamplingParams
+
+DeltaCallback = Callable[..., None]  # (request_id, text) or, for rows that asked for them, (…, logprobs)
+FinishCallback = Callable[["GenerationResult"], None]
+CancelCheck = Callable[[list[str]], set[str]]
+AdmitCallback = Callable[[int], list["GenerationRequest"]]
+
+
+@dataclass
+class Turn:
+    """One message of a conversation: its role, its text and the images it carries."""
+
+    role: str
+    text: str
+    images: list[Image.Image] = field(default_factory=list)
+
+
+@dataclass
+class GenerationRequest:
+    """A conversation to continue, with its decoding parameters."""
+
+    request_id: str
+    messages: list[Turn]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    enqueued_at: float | None = None  # epoch seconds, for the queue time
+
+
+@dataclass
+class GenerationResult:
+    """What one request produced, why it stopped, and what it cost."""
+
+    request_id: str
+    text: str
+    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timings: dict[str, float | None] = field(default_factory=dict)
+    error_code: str | None = None
+    error_message: str | None = None
+    logprobs: list[dict[str, Any]] | None = None  # per generated token, when the request asked for them
+    image_tokens: int = 0  # of prompt_tokens
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """Return OpenAI-style token counts."""
+        total = self.prompt_tokens + self.completion_tokens
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": total}
+
+
+@dataclass
+class ModelInfo:
+    """What is loaded, where, and why it may differ from what was asked for."""
+
+    requested: str
+    path: str
+    label: str
+    is_demo: bool
+    device: str
+    dtype: str
+    parameters: int
+    max_context: int
+    fallback_reason: str | None = None  # the configured model failed and the demo model serves instead
+    device_fallback_reason: str | None = None  # the GPU failed and the CPU serves instead
