@@ -41,6 +41,7 @@ bench: dev
 	$(PY) -m bench.service
 	$(PY) -m bench.stream
 	$(PY) -m bench.batching
+	$(PY) -m bench.constrained
 
 demo: install
 	$(PY) -m worker.cli build-demo

@@ -1,5 +1,5 @@
-"""Measure the token stream on the demo model: first-token time over /ws/chat versus the worker's own, and the
-per-token relay latency Redis -> web -> WebSocket at 1 and at N concurrent streams."""
+"""Measure the token stream on the demo model: first-token time over /ws/chat and over /v1 SSE versus the worker's
+own, and the per-token relay latency Redis -> web -> WebSocket at 1 and at N concurrent streams."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 import redis
+import requests
 from simple_websocket import Client, ConnectionClosed
 
 from bench import service
@@ -28,12 +29,22 @@ from tests import live
 from worker.demo import ensure_demo_checkpoint
 
 # One chat turn, cut by the client's clock, the reference listener's and the job's timings (epoch, same host).
-FIRST = ["client TTFT: chat frame sent -> first token frame received",
-         "worker TTFT: job created (queued_at) -> first token sampled (first_token_at)",
-         "first-token relay: first_token_at -> client has the frame",
-         "  of which worker: first_token_at -> Redis reference listener",
-         "  of which web: Redis reference listener -> client",
-         "for reference, submit: chat frame sent -> job created (queued_at)"]
+WS_FIRST = ["client TTFT: chat frame sent -> first token frame received",
+            "worker TTFT: job created (queued_at) -> first token sampled (first_token_at)",
+            "first-token relay: first_token_at -> client has the frame",
+            "  of which worker: first_token_at -> Redis reference listener",
+            "  of which web: Redis reference listener -> client",
+            "for reference, submit: chat frame sent -> job created (queued_at)"]
+# The same turn as a streamed /v1/chat/completions, cut the same way (labels differ: they are the table's keys).
+SSE_FIRST = ["SSE client TTFT: POST /v1/chat/completions sent -> first content chunk received",
+             "SSE worker TTFT: job created (queued_at) -> first token sampled (first_token_at)",
+             "SSE first-token relay: first_token_at -> client has the chunk",
+             "  of which worker, SSE turn: first_token_at -> Redis reference listener",
+             "  of which web, SSE turn: Redis reference listener -> client",
+             "for reference, SSE submit: POST sent -> job created (queued_at)"]
+FIRST = WS_FIRST + SSE_FIRST
+RELAY_ROWS = (WS_FIRST[2], SSE_FIRST[2])
+MODEL = "demo"  # the id /v1 serves for the demo checkpoint
 
 
 class Stack(service.Stack):
@@ -56,6 +67,7 @@ class RedisTap:
 
     def __init__(self, url: str) -> None:
         self.seen: dict[tuple[str, int], tuple[float, str]] = {}
+        self.first: dict[str, float] = {}  # job -> when its first token event arrived (events come in seq order)
         self.pubsub = redis.Redis.from_url(url).pubsub()
         self.pubsub.psubscribe(**{job_channel("*"): self.on_message})
         if (self.pubsub.get_message(timeout=5) or {}).get("type") != "psubscribe":  # in force before any job
@@ -65,12 +77,21 @@ class RedisTap:
     def on_message(self, message: dict) -> None:
         now, event = time.time(), json.loads(message["data"])
         if event["type"] == "token":
-            self.seen[(message["channel"].decode().rsplit(":", 1)[-1], event["seq"])] = (now, event["text"])
+            job = message["channel"].decode().rsplit(":", 1)[-1]
+            self.seen[(job, event["seq"])] = (now, event["text"])
+            self.first.setdefault(job, now)
 
     def wait_for(self, keys: list[tuple[str, int]], timeout: float = 2.0) -> None:
         deadline = time.monotonic() + timeout
         while any(k not in self.seen for k in keys) and time.monotonic() < deadline:
             time.sleep(0.01)
+
+    def first_token(self, job_id: str, timeout: float = 2.0) -> float:
+        """Return when the job's first token event arrived, waiting up to ``timeout`` for it."""
+        deadline = time.monotonic() + timeout
+        while job_id not in self.first and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.first[job_id]
 
     def stop(self) -> None:
         self.thread.stop()  # its loop closes the pubsub
@@ -85,6 +106,16 @@ class Stream:
     job_id: str = ""
     tokens: list[tuple[int, str, float]] = field(default_factory=list)  # (seq, text, received at)
     done: dict = field(default_factory=dict)
+
+
+@dataclass
+class SseTurn:
+    """What one /v1 streaming client saw of one completion: when it sent it, got its first content chunk, and usage."""
+
+    sent: float
+    job_id: str
+    first_at: float
+    usage: dict
 
 
 @dataclass
@@ -119,6 +150,35 @@ def chat(ws: Client, tokens: int) -> Stream:
             raise RuntimeError(f"job {out.job_id}: unexpected {str(raw)[:300]}")
 
 
+def sse_chat(http: requests.Session, base: str, tokens: int) -> SseTurn:
+    """Stream the chat turn's twin from /v1/chat/completions, stamping every SSE line with time.time() on arrival."""
+    content = [{"type": "text", "text": PROMPT},
+               {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{IMAGE_B64}"}}]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": tokens,
+            "min_tokens": tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    first_at, usage = None, {}
+    sent = time.time()
+    with http.post(f"{base}/v1/chat/completions", json=body, stream=True, timeout=120) as answer:
+        job_id = answer.headers.get("x-request-id", "")
+        # Unchunked, urllib3 would read to the end before yielding anything: the stamps would mean nothing.
+        if answer.status_code != 200 or answer.headers.get("Transfer-Encoding") != "chunked":
+            raise RuntimeError(f"job {job_id}: HTTP {answer.status_code} {dict(answer.headers)}: {answer.text[:300]}")
+        for line in answer.iter_lines(chunk_size=None):  # each HTTP chunk as it comes, not 512-byte reads
+            now = time.time()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"job {job_id}: {chunk['error']}")
+            usage = chunk.get("usage") or usage
+            # The role chunk comes before any token; the first chunk with content alone carries the first token.
+            if first_at is None and any("content" in c["delta"] and "role" not in c["delta"] for c in chunk["choices"]):
+                first_at = now
+    if first_at is None or usage.get("completion_tokens") != tokens:
+        raise RuntimeError(f"job {job_id}: no content chunk, or usage {usage} is not {tokens} tokens")
+    return SseTurn(sent, job_id, first_at, usage)
+
+
 @contextlib.contextmanager
 def chat_socket(stack: Stack) -> Iterator[Client]:
     ws = Client.connect(stack.base.replace("http://", "ws://") + "/ws/chat")
@@ -129,21 +189,40 @@ def chat_socket(stack: Stack) -> Iterator[Client]:
             ws.close()
 
 
+def cut(sent: float, got: float, tapped: float, t: dict) -> list[float]:
+    """Split one turn's first token by the three clocks, in the order of WS_FIRST and SSE_FIRST; ms."""
+    spans = [got - sent, t["first_token_at"] - t["queued_at"], got - t["first_token_at"], tapped - t["first_token_at"],
+             got - tapped, t["queued_at"] - sent]
+    return [span * 1e3 for span in spans]
+
+
 def measure_first_token(stack: Stack, tap: RedisTap, turns: int, warmup: int, tokens: int) -> dict[str, list]:
-    """Run turns one after another on one socket; cut each one's first token by the three clocks."""
+    """Alternate the same turn on one socket and as /v1 SSE on one keep-alive connection; cut each first token."""
     out: dict[str, list[float]] = {row: [] for row in FIRST}
-    with chat_socket(stack) as ws:
+
+    def ws_turn(ws: Client) -> list[float]:
+        s = chat(ws, tokens)
+        seq, _, got = s.tokens[0]
+        tap.wait_for([(s.job_id, seq)])
+        return cut(s.sent, got, tap.seen[(s.job_id, seq)][0], s.done["timings"])
+
+    def sse_turn(http: requests.Session) -> list[float]:
+        s = sse_chat(http, stack.base, tokens)
+        tapped = tap.first_token(s.job_id)
+        job = http.get(f"{stack.base}/api/jobs/{s.job_id}", timeout=30).json()  # final: [DONE] came after the row
+        return cut(s.sent, s.first_at, tapped, job["timings"])
+
+    with chat_socket(stack) as ws, requests.Session() as http:
         for i in range(warmup + turns):
-            s = chat(ws, tokens)
-            seq, _, got = s.tokens[0]
-            tap.wait_for([(s.job_id, seq)])
+            if i % 2:  # swap the order every turn, so neither transport always runs right after the other
+                ws_spans, sse_spans = ws_turn(ws), sse_turn(http)
+            else:
+                sse_spans = sse_turn(http)
+                ws_spans = ws_turn(ws)
             if i < warmup:
                 continue
-            t, tapped = s.done["timings"], tap.seen[(s.job_id, seq)][0]
-            spans = [got - s.sent, t["first_token_at"] - t["queued_at"], got - t["first_token_at"],
-                     tapped - t["first_token_at"], got - tapped, t["queued_at"] - s.sent]
-            for row, span in zip(FIRST, spans, strict=True):
-                out[row].append(span * 1e3)
+            for row, span in zip(FIRST, [*ws_spans, *sse_spans], strict=True):
+                out[row].append(span)
     return out
 
 
@@ -210,8 +289,14 @@ def print_report(header: dict[str, str], first: dict[str, list], relays: list[Re
         print(f"{key + ':':10}{value}")
     print(f"\n1. First token, {len(first[FIRST[0]])} chat turns after warmup, one after another on one /ws/chat "
           f"socket: {turn_tokens} tokens greedy, one 96x64 PNG each; ms")
+    print("   Each alternates with the same turn streamed from POST /v1/chat/completions (SSE rows; one keep-alive "
+          "connection), order swapped every turn.")
     table(["span", "median", "p95", "mean"], [[row, f"{statistics.median(v):.2f}", f"{pct(v, 95):.2f}",
                                               f"{statistics.mean(v):.2f}"] for row, v in first.items()])
+    ws, sse = (first[row] for row in RELAY_ROWS)
+    paired = statistics.median([s / w for s, w in zip(sse, ws, strict=True)])  # turns ran side by side
+    print(f"first-token relay, SSE / WS: {statistics.median(sse) / statistics.median(ws):.2f}x of medians "
+          f"({statistics.median(sse):.2f} / {statistics.median(ws):.2f} ms); median of per-turn ratios {paired:.2f}x")
     print(f"\n2. Per-token relay: ws frame received - same (job, seq) received by the Redis reference listener; "
           f"{stream_tokens} tokens per stream, all streams sent at once, one socket and thread per client")
     print("   Demo CPU model: tokens come every few ms per stream, so the relay runs under a high event rate.\n"
@@ -243,7 +328,7 @@ def print_report(header: dict[str, str], first: dict[str, list], relays: list[Re
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Data dir with the demo checkpoint.")
 def main(turns: int, warmup: int, turn_tokens: int, streams: int, stream_tokens: int, workers: int | None,
          database: str, data_dir: Path | None) -> None:
-    """Print first-token times over /ws/chat and the per-token relay latency of one private stack."""
+    """Print first-token times over /ws/chat and /v1 SSE and the per-token relay latency of one private stack."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM tears the stack down like Ctrl-C
     settings = Settings(model="demo", device="cpu", hf_offline=True, **({"data_dir": data_dir} if data_dir else {}))
     result = run_benchmark(settings.data_dir, turns, warmup, turn_tokens, streams, stream_tokens,

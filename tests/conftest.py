@@ -104,6 +104,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignor
 def store_queued_job(db, **fields) -> str:  # type: ignore[no-untyped-def]
     """Store a session, its user message and a queued job for it; return the job id."""
     from common.ids import new_id, utcnow
+    from common.jobspec import JobSpec, StopSpec, TurnSpec
     from common.models import ChatSession, Job, Message
 
     session = ChatSession(id=new_id("sess"))
@@ -112,7 +113,9 @@ def store_queued_job(db, **fields) -> str:  # type: ignore[no-untyped-def]
     message = Message(session_id=session.id, role="user", text="hi")
     db.add(message)
     db.flush()
-    fields.setdefault("params", {})
+    max_tokens = fields.pop("max_tokens", 16)
+    fields.setdefault("spec", JobSpec(turns=[TurnSpec(role="user", text="hi")],
+                                      stop=StopSpec(max_tokens=max_tokens)).stored())
     job = Job(id=new_id("job"), session_id=session.id, user_message_id=message.id, enqueued_at=utcnow(), **fields)
     db.add(job)
     db.commit()

@@ -38,7 +38,7 @@ def _service(tmp_path: Path) -> WorkerService:
 
 def _queued_job(service: WorkerService) -> str:
     with service.db() as db:
-        return store_queued_job(db, params={"max_tokens": 4})
+        return store_queued_job(db, max_tokens=4)
 
 
 def test_a_cuda_error_fails_the_job_and_marks_the_worker_unhealthy_without_killing_it(tmp_path: Path):
