@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -54,24 +55,27 @@ def renew(db: Session, job_id: str, worker_id: str, lease_s: float) -> bool:
 
 
 def claim_next(db: Session, worker_id: str, lease_s: float, max_attempts: int, limit: int,
-               queues: tuple[str, ...]) -> list[Job]:
-    """Claim up to `limit` waiting jobs, oldest first, taking `queues` in priority order."""
+               queues: tuple[str, ...], weight: Callable[[Job], int] = lambda _job: 1) -> list[Job]:
+    """Claim waiting jobs worth up to `limit` (each job counts `weight(job)`, e.g. its decode rows), oldest first,
+    taking `queues` in priority order. The last job may overshoot the limit: a big job is never starved."""
     claimed: list[Job] = []
+    used = 0
     for queue in queues:
-        while len(claimed) < limit:
+        while used < limit:
             candidates = db.execute(
                 select(Job.id)
                 .where(Job.queue == queue, Job.status == "queued", Job.cancel_requested.is_(False),
                        Job.attempts < max_attempts)
                 .order_by(Job.created_at, Job.batch_index)
-                .limit((limit - len(claimed)) * 2)
+                .limit((limit - used) * 2)
             ).scalars().all()
             before = len(claimed)
             for job_id in candidates:
                 job = claim(db, job_id, worker_id, lease_s, max_attempts)
                 if job is not None:
                     claimed.append(job)
-                    if len(claimed) == limit:
+                    used += weight(job)
+                    if used >= limit:
                         break
             if len(claimed) == before:  # nothing left here, or others took all of it
                 break

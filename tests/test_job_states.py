@@ -10,6 +10,7 @@ from sqlalchemy import func, select, update
 from common import jobs
 from common.db import make_engine, make_session_factory
 from common.ids import utcnow
+from common.jobspec import JobSpec, SamplingSpec, TurnSpec
 from common.models import Job, Message
 from tests.conftest import store_queued_job
 
@@ -94,3 +95,18 @@ def test_claim_next_takes_chat_before_batch_oldest_first_and_skips_taken_jobs(da
         assert jobs.claim_next(db, "me", 30, 3, limit=5, queues=("chat", "batch")) == []
         held = jobs.renew_many(db, [chat[0], chat[1], batch[0]], "me", 30)
         assert held == {chat[1], batch[0]}
+
+
+def test_claim_next_counts_each_job_by_its_rows(database_url):
+    from worker.runner import _rows
+
+    factory = make_session_factory(make_engine(database_url))
+    with factory() as db:
+        spec = JobSpec(turns=[TurnSpec(role="user", text="hi")], sampling=SamplingSpec(n=3)).stored()
+        wide = [store_queued_job(db, spec=spec) for _ in range(3)]
+        single = store_queued_job(db)
+        # 8 rows of room: two 3-choice jobs (6 rows), then the third fits only by overshooting; it is taken
+        # (never starved) and then nothing more.
+        taken = jobs.claim_next(db, "me", 30, 3, limit=8, queues=("chat",), weight=_rows)
+        assert [j.id for j in taken] == wide
+        assert [j.id for j in jobs.claim_next(db, "me", 30, 3, limit=1, queues=("chat",), weight=_rows)] == [single]

@@ -193,6 +193,9 @@ class Engine:
             return token
         if row.constraint is not None:
             row.constraint.accept(token)
+            if row.constraint.error:  # only if the mask was bypassed: never pass off broken output as done
+                row.finish_reason, row.error = "error", f"the answer left its response_format: {row.constraint.error}"
+                return token
         if raw is not None and row.logprobs is not None:
             entry = row.logprob_entry(raw, token)
             row.logprobs.append(entry)

@@ -52,7 +52,7 @@ class JobRunner:
             own = jobs.claim(db, job_id, self.worker_id, self.settings.job_lease_s, self.settings.max_attempts)
             # A chat starts with chats only: bulk rows join at the next admission, after its prefill.
             first_batch_rows = 0 if own is not None and own.queue == QUEUES[0] else None
-            claimed = ([own] if own else []) + self._claim_more(db, 1 if own else 0, first_batch_rows)
+            claimed = ([own] if own else []) + self._claim_more(db, _rows(own) if own else 0, first_batch_rows)
             requests = self._requests(db, claimed, engine)
         if not requests:
             return own.status if own is not None else None
@@ -106,13 +106,13 @@ class JobRunner:
         use the reserve rows); else batch items up to the batch size, at most ``batch_rows`` at a time."""
         cap, lease, attempts = self.settings.max_batch, self.settings.job_lease_s, self.settings.max_attempts
         chat_room = max(0, cap + self.settings.chat_reserve - running)
-        chats = jobs.claim_next(db, self.worker_id, lease, attempts, chat_room, QUEUES[:1]) if chat_room else []
+        chats = jobs.claim_next(db, self.worker_id, lease, attempts, chat_room, QUEUES[:1], _rows) if chat_room else []
         if chats:
             return chats
         room = max(0, cap - running)
         if batch_rows is not None:
             room = min(room, batch_rows)
-        return jobs.claim_next(db, self.worker_id, lease, attempts, room, QUEUES[1:]) if room else []
+        return jobs.claim_next(db, self.worker_id, lease, attempts, room, QUEUES[1:], _rows) if room else []
 
     def _requests(self, db: Session, claimed: list[Job], engine: Engine | None) -> list[GenerationRequest]:
         """Turn claimed jobs into engine requests (one per choice); a job that cannot run is failed at once."""
@@ -170,6 +170,13 @@ class JobRunner:
         else:
             publisher.done(outcome)
         return outcome.status
+
+
+def _rows(job: Job) -> int:
+    """Return how many decode rows a job takes (one per choice)."""
+    sampling = (job.spec or {}).get("sampling") or {}
+    n = sampling.get("n", 1)
+    return n if isinstance(n, int) and n > 0 else 1
 
 
 def _job_ids(requests: list[GenerationRequest]) -> list[str]:

@@ -11,7 +11,7 @@ from common.schemas import MAX_WAIT_S
 from web.api.body import json_object
 from web.extensions import get_db, services
 from web.openai.protocol import ModelCard, ModelList
-from web.openai.serving import CompletionIds, completion, model_cards, parse_request, submit_completion
+from web.openai.serving import completion, model_cards, parse_request, submit_completion
 from web.openai.sse import CompletionStream
 from web.services.jobs import cancel_job, is_final, wait_for
 
@@ -45,15 +45,20 @@ def chat_completions() -> Response:
     svc = services()
     db = get_db()
     body = parse_request(json_object(), svc.settings)
-    job = submit_completion(db, svc, body)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        relay = CompletionStream(svc, job.id, CompletionIds.of(job, svc.settings), body.n, include_usage,
-                                 request.environ.get("gunicorn.socket"))
+        relay = CompletionStream(svc, body.n, include_usage, request.environ.get("gunicorn.socket"))
+        try:
+            job = submit_completion(db, svc, body, before_enqueue=relay.follow)
+        except BaseException:
+            relay.close()
+            raise
         response = Response(stream_with_context(iter(relay)), mimetype="text/event-stream")
+        response.call_on_close(relay.close)  # also when the body is never iterated
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"  # nginx: pass each chunk on at once
     else:
+        job = submit_completion(db, svc, body)
         job = wait_for(db, svc.bus, job.id, MAX_WAIT_S)
         if not is_final(job):  # nobody will read a later answer: free the slot
             cancel_job(db, svc.bus, job.id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +68,11 @@ def _image(image: ImageURL, settings: Settings, where: str) -> NormalizedImage:
     if image.url.startswith("data:"):
         return image_from_base64(image.url, max_bytes=settings.max_image_bytes, max_pixels=budget)
     if image.url.startswith(("http://", "https://")):
-        raw = fetch_image(image.url, settings)
+        try:
+            raw = fetch_image(image.url, settings)
+        except ApiError as exc:
+            exc.param = exc.param or f"{where}.url"
+            raise
         return normalize_image(raw, max_bytes=settings.max_image_bytes, max_pixels=budget)
     raise ApiError("invalid_image_url", f"{where}.url: use a data: URL (base64) or an http(s) URL.",
                    param=f"{where}.url")
@@ -118,11 +123,12 @@ def job_parts(request: ChatCompletionRequest, settings: Settings) -> tuple[Sampl
     return sampling, stop
 
 
-def submit_completion(db: Session, services: Services, request: ChatCompletionRequest) -> Job:
+def submit_completion(db: Session, services: Services, request: ChatCompletionRequest,
+                      before_enqueue: Callable[[Job], None] | None = None) -> Job:
     """Store the request as a job on the chat queue (like any other) and enqueue it."""
     turns = draft_turns(request.messages, services.settings)
     sampling, stop = job_parts(request, services.settings)
-    return submit_turns(db, services, turns, sampling, stop)
+    return submit_turns(db, services, turns, sampling, stop, before_enqueue)
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,10 @@ def job_choices(job: Job) -> list[ChoiceOutcome]:
     """Return a finished job's choices (a single-choice job without log-probabilities stores none)."""
     if job.choices:
         return [ChoiceOutcome.model_validate(c) for c in job.choices]
-    return [ChoiceOutcome(index=0, text=job.response or "", finish_reason=job.finish_reason)]
+    # Cancelled before a worker took it: every choice it asked for ends empty, choice 0 with the job's text.
+    n = ((job.spec or {}).get("sampling") or {}).get("n", 1)
+    return [ChoiceOutcome(index=i, text=(job.response or "") if i == 0 else "", finish_reason=job.finish_reason)
+            for i in range(n)]
 
 
 def raise_failure(job: Job) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from common.errors import ERROR_STATUS, openai_error_body
+from common.models import Job
 from common.schemas import DoneEvent, ErrorEvent, ResetEvent, StreamEvent, TokenEvent
 from web.extensions import Services
 from web.openai.protocol import ChatCompletionChunk, ChunkChoice, Delta
@@ -50,16 +51,23 @@ def client_gone(sock: socket.socket | None) -> bool:
 class CompletionStream:
     """One streamed completion: chunks for every choice, the usage chunk if asked for, then ``[DONE]``."""
 
-    def __init__(self, services: Services, job_id: str, ids: CompletionIds, n: int, include_usage: bool,
-                 sock: socket.socket | None) -> None:
+    def __init__(self, services: Services, n: int, include_usage: bool, sock: socket.socket | None) -> None:
         self.services = services
-        self.job_id = job_id
-        self.ids = ids
         self.n = n
         self.include_usage = include_usage
         self.sock = sock
+        self.job_id = ""
+        self.ids = CompletionIds(id="", created=0, model="")
+        self.pending: list[dict[str, Any]] = []
+        self.hub = StreamHub(services.bus, services.session_factory, self.pending.append)
         self.sent_text = False
         self.finished = False
+        self.closed = False
+
+    def follow(self, job: Job) -> None:
+        """Subscribe to the job's events; call it before the job is enqueued, so nothing is published unheard."""
+        self.job_id, self.ids = job.id, CompletionIds.of(job, self.services.settings)
+        self.hub.follow(job.id)
 
     def chunk(self, choices: list[ChunkChoice], **extra: Any) -> str:
         """Frame one ``chat.completion.chunk`` (every chunk repeats the completion's id and creation time)."""
@@ -69,31 +77,35 @@ class CompletionStream:
 
     def __iter__(self) -> Iterator[str]:
         """Yield the SSE frames until the job's stream ends or the client leaves (then cancel the job)."""
-        pending: list[dict[str, Any]] = []
-        hub = StreamHub(self.services.bus, self.services.session_factory, pending.append)
         keepalive = self.services.settings.sse_keepalive_s
         try:
-            hub.follow(self.job_id)
             for i in range(self.n):  # one choice per chunk, as OpenAI streams several choices
                 yield self.chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
             quiet_since = time.monotonic()
             while True:
-                while pending:
+                while self.pending:
                     quiet_since = time.monotonic()
-                    yield from self._frames(EVENTS.validate_python(pending.pop(0)))
+                    yield from self._frames(EVENTS.validate_python(self.pending.pop(0)))
                     if self.finished:
                         return
                 if client_gone(self.sock):
                     log.info("SSE client of job %s left; cancelling it", self.job_id)
                     return
-                hub.pump(POLL_S)
-                if not pending and time.monotonic() - quiet_since >= keepalive:
+                self.hub.pump(POLL_S)
+                if not self.pending and time.monotonic() - quiet_since >= keepalive:
                     quiet_since = time.monotonic()
                     yield ": keep-alive\n\n"
         finally:
-            hub.close()
-            if not self.finished:
-                self._cancel()
+            self.close()
+
+    def close(self) -> None:
+        """Drop the subscription; a job whose stream did not end is cancelled (its client is gone)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.hub.close()
+        if self.job_id and not self.finished:
+            self._cancel()
 
     def _frames(self, event: TokenEvent | DoneEvent | ErrorEvent | ResetEvent) -> Iterator[str]:
         """Turn one job event into SSE frames."""

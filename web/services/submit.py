@@ -4,6 +4,7 @@ then enqueue the job id."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -152,8 +153,12 @@ def submit_chat(db: Session, services: Services, body: Any) -> Submitted:
 
 
 def submit_turns(db: Session, services: Services, turns: list[DraftTurn], sampling: SamplingSpec,
-                 stop: StopSpec) -> Job:
-    """Store a stateless conversation (no session) as one job with its images, then enqueue it."""
+                 stop: StopSpec, before_enqueue: Callable[[Job], None] | None = None) -> Job:
+    """Store a stateless conversation (no session) as one job with its images, then enqueue it.
+
+    ``before_enqueue`` runs between the commit and the enqueue: a streaming caller subscribes to the job's
+    events there, so not even the first token can be published before it listens.
+    """
     require_model(services.bus, services.settings.model_wait_s)
     try:
         specs = [TurnSpec(role=t.role, text=t.text, image_ids=_store_images(db, t.images))
@@ -164,5 +169,7 @@ def submit_turns(db: Session, services: Services, turns: list[DraftTurn], sampli
     except BaseException:
         db.rollback()
         raise
+    if before_enqueue is not None:
+        before_enqueue(job)
     _enqueue(services, job)
     return job
