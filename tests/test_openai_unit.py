@@ -3,6 +3,7 @@ the media guard, and what a completion stores; the workers' part is played throu
 
 from __future__ import annotations
 
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -122,3 +123,47 @@ def test_an_allowlisted_host_on_a_private_address_is_refused_without_a_connectio
     finally:
         server.shutdown()
         services_of(app).close()
+
+
+def sse_frames(response: Any, count: int) -> list[str]:
+    """Read ``count`` SSE frames from a streamed test response (its generator, frame by frame)."""
+    frames, body = [], response.response
+    for piece in body:
+        frames.append(piece.decode() if isinstance(piece, bytes) else piece)
+        if len(frames) == count:
+            break
+    return frames
+
+
+def test_a_queued_stream_sends_keep_alives_and_closing_it_cancels_the_job(db_url: str, tmp_path):
+    app = build_app(db_url, tmp_path, sse_keepalive_s=0.05)
+    try:
+        heartbeat(app)  # a worker is "up", but none takes the job: it stays queued
+        response = app.test_client().post("/v1/chat/completions", json=body(stream=True), buffered=False)
+        assert response.status_code == 200 and response.mimetype == "text/event-stream"
+        job_id = response.headers["x-request-id"]
+        first, *rest = sse_frames(response, 3)
+        assert json.loads(first.removeprefix("data: "))["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert rest == [": keep-alive\n\n", ": keep-alive\n\n"]
+        response.close()  # the client leaves
+        with services_of(app).session_factory() as db:
+            assert db.get(Job, job_id).status == "cancelled"
+    finally:
+        services_of(app).close()
+
+
+def test_a_failure_mid_stream_arrives_as_an_error_frame(client: FlaskClient, app: Flask):
+    heartbeat(app)
+    worker = SimulatedWorker(app, status="failed", tokens=("Hal",), error_code="generation_failed",
+                             error_message="the GPU fell over")
+    worker.start()
+    response = client.post("/v1/chat/completions", json=body(stream=True, stream_options={"include_usage": True}))
+    worker.join(10)
+    frames = [f for f in response.get_data(as_text=True).split("\n\n") if f]
+    payloads = [f.removeprefix("data: ") for f in frames]
+    assert payloads[-1] == "[DONE]"
+    error = json.loads(payloads[-2])["error"]
+    assert error == {"message": "the GPU fell over", "type": "server_error", "param": None,
+                     "code": "generation_failed"}
+    deltas = [json.loads(p)["choices"][0]["delta"].get("content") for p in payloads[:-2]]
+    assert "Hal" in deltas
