@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Collection
 from typing import Any
 
 import redis
@@ -108,17 +109,32 @@ class TokenBus:
         return self.publish_many([], job_ids)
 
     # -- heartbeats --------------------------------------------------------------------------------
-    def beat(self, status: WorkerStatus, ttl_s: float) -> None:
-        """Store a worker's status; it disappears if the worker stops beating."""
+    def beat(self, status: WorkerStatus, ttl_s: float, alive_ttl_s: float | None = None) -> None:
+        """Store a worker's status (it disappears if the worker stops beating) and mark it alive."""
         status.last_heartbeat = time.time()
-        self.redis.set(f"{PREFIX}:worker:{status.worker_id}", status.model_dump_json(), px=int(ttl_s * 1000))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(f"{PREFIX}:worker:{status.worker_id}", status.model_dump_json(), px=int(ttl_s * 1000))
+        pipe.set(f"{PREFIX}:alive:{status.worker_id}", 1, px=int((alive_ttl_s or ttl_s) * 1000))
+        pipe.execute()
+
+    def touch_alive(self, worker_id: str, ttl_s: float) -> None:
+        """Renew a worker's short liveness mark (every second or so: a dead worker is noticed in seconds)."""
+        self.redis.set(f"{PREFIX}:alive:{worker_id}", 1, px=int(ttl_s * 1000))
+
+    def alive_workers(self, worker_ids: Collection[str]) -> set[str]:
+        """Return which of these workers renewed their liveness mark recently."""
+        ids = sorted(worker_ids)
+        if not ids:
+            return set()
+        marks = self.redis.mget([f"{PREFIX}:alive:{w}" for w in ids])
+        return {w for w, mark in zip(ids, marks, strict=True) if mark}
 
     def forget_worker(self, worker_id: str) -> None:
         """Remove a worker that is shutting down cleanly."""
-        self.redis.delete(f"{PREFIX}:worker:{worker_id}")
+        self.redis.delete(f"{PREFIX}:worker:{worker_id}", f"{PREFIX}:alive:{worker_id}")
 
     def workers(self) -> list[WorkerStatus]:
-        """Return every live worker's last heartbeat, with its age."""
+        """Return every live worker's last heartbeat, with its age (a worker whose liveness mark lapsed is gone)."""
         keys = sorted(self.redis.scan_iter(match=f"{PREFIX}:worker:*", count=100))
         now = time.time()
         out = []
@@ -127,7 +143,8 @@ class TokenBus:
                 status = WorkerStatus.model_validate_json(raw)
                 status.age_s = round(now - status.last_heartbeat, 3)
                 out.append(status)
-        return out
+        alive = self.alive_workers([w.worker_id for w in out])
+        return [w for w in out if w.worker_id in alive]
 
     def lock(self, name: str, ttl_s: float) -> bool:
         """Take a short-lived named lock (e.g. one reaper per interval across workers)."""

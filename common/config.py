@@ -61,14 +61,19 @@ class Settings(BaseSettings):
 
     # Service behaviour
     heartbeat_s: float = Field(30.0, gt=0, description="Seconds between worker heartbeats.")
+    liveness_ttl_s: float = Field(5.0, gt=1, description="A worker that has not renewed its liveness mark (every "
+                                                         "second) for this long is dead: its jobs are re-queued.")
     chat_wait_s: float = Field(120.0, ge=0, description="How long POST /api/chat waits before answering 202.")
     model_wait_s: float = Field(5.0, ge=0, description="How long a request waits for a loaded worker before 503.")
     job_lease_s: float = Field(30.0, gt=0, description="A claimed job is re-claimable when its lease expires.")
     max_attempts: int = Field(3, gt=0, description="Claims per job before it fails with worker_lost.")
-    reaper_interval_s: float = Field(10.0, gt=0, description="How often a worker looks for orphaned jobs.")
+    reaper_interval_s: float = Field(3.0, gt=0, description="How often a worker looks for orphaned jobs.")
     stale_queued_s: float = Field(60.0, gt=0, description="A queued job older than this is re-enqueued if lost.")
     visibility_timeout_s: int = Field(3600, gt=0, description="Redis broker redelivery of unacked tasks.")
     worker_id: str | None = Field(None, description="Name shown in health; default host:pid.")
+    load_retry_s: float = Field(30.0, gt=0, description="First wait before a failed model load is tried again.")
+    service_wait_s: float = Field(120.0, gt=0, description="How long a worker waits for Redis/the database to "
+                                                           "return after a blip before taking work again.")
     web_port: int = Field(8501, gt=0, lt=65536)
 
     # OpenAI-compatible API

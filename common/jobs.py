@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -80,6 +80,27 @@ def claim_next(db: Session, worker_id: str, lease_s: float, max_attempts: int, l
             if len(claimed) == before:  # nothing left here, or others took all of it
                 break
     return claimed
+
+
+def release(db: Session, job_ids: list[str], worker_id: str, count_attempt: bool) -> list[tuple[str, str]]:
+    """Hand unfinished jobs this worker holds back to the queue; return their (id, queue).
+
+    A job released because Redis or the database failed under it did not really get its attempt, so the
+    attempt is given back; one released after a device fault keeps it (a job that breaks every GPU it
+    meets must run out of attempts, not circle forever).
+    """
+    if not job_ids:
+        return []
+    released = db.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.worker_id == worker_id, Job.status == "running")
+        .values(status="queued", worker_id=None, lease_expires_at=None, enqueued_at=utcnow(),
+                attempts=Job.attempts if count_attempt else Job.attempts - 1)
+        .returning(Job.id, Job.queue)
+        .execution_options(synchronize_session=False)
+    ).all()
+    db.commit()
+    return [(job_id, queue) for job_id, queue in released]
 
 
 def renew_many(db: Session, job_ids: list[str], worker_id: str, lease_s: float) -> set[str]:
@@ -180,21 +201,25 @@ class Reaped:
     failed: list[str] = field(default_factory=list)
 
 
-def reap(db: Session, max_attempts: int, stale_queued_s: float) -> Reaped:
-    """Find jobs whose worker died (expired lease) and queued jobs that may have been lost with Redis."""
+def reap(db: Session, max_attempts: int, stale_queued_s: float, dead_workers: Collection[str] = ()) -> Reaped:
+    """Find jobs whose worker died (expired lease, or a worker known dead) and queued jobs lost with Redis.
+
+    An orphan with attempts left goes back to ``queued`` at once, so any running worker admits it into its
+    decode batch like any waiting job (not one at a time through its own task); one out of attempts fails.
+    """
     now = utcnow()
     found = Reaped()
+    orphaned = or_(Job.lease_expires_at < now, Job.worker_id.in_(list(dead_workers)))
     expired = db.execute(
-        select(Job.id, Job.queue, Job.attempts, Job.cancel_requested).where(
-            Job.status == "running", Job.lease_expires_at < now
-        )
+        select(Job.id, Job.queue, Job.attempts, Job.cancel_requested).where(Job.status == "running", orphaned)
     ).all()
     for job_id, queue, attempts, cancel_requested in expired:
+        still_orphaned = (Job.id == job_id, Job.status == "running", orphaned)
         if cancel_requested or attempts >= max_attempts:
             status, code = ("cancelled", None) if cancel_requested else ("failed", "worker_lost")
             done = db.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.status == "running", Job.lease_expires_at < now)
+                .where(*still_orphaned)
                 .values(status=status, finish_reason="cancelled" if cancel_requested else None, error_code=code,
                         error_message=None if cancel_requested else f"the worker was lost {attempts} times",
                         finished_at=now, lease_expires_at=None)
@@ -203,7 +228,13 @@ def reap(db: Session, max_attempts: int, stale_queued_s: float) -> Reaped:
             if done.rowcount:
                 (found.cancelled if cancel_requested else found.failed).append(job_id)
         else:
-            found.requeue.append((job_id, queue))
+            requeued = db.execute(
+                update(Job).where(*still_orphaned)
+                .values(status="queued", worker_id=None, lease_expires_at=None, enqueued_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            if requeued.rowcount:
+                found.requeue.append((job_id, queue))
     stale_before = now - timedelta(seconds=stale_queued_s)
     found.stale_queued = [
         (job_id, queue)
@@ -213,6 +244,12 @@ def reap(db: Session, max_attempts: int, stale_queued_s: float) -> Reaped:
     ]
     db.commit()
     return found
+
+
+def running_workers(db: Session) -> set[str]:
+    """Return the workers that hold running jobs."""
+    rows = db.execute(select(Job.worker_id).where(Job.status == "running", Job.worker_id.is_not(None)).distinct())
+    return {worker_id for (worker_id,) in rows}
 
 
 def mark_enqueued(db: Session, job_ids: list[str]) -> None:

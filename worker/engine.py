@@ -13,6 +13,7 @@ from PIL import Image
 from common.grammar import GrammarError
 from worker.batch import RunningBatch
 from worker.constraints import GrammarCompiler, RowConstraint, mask_rows
+from worker.faults import device_fault
 from worker.generation import (
     AdmitCallback,
     CancelCheck,
@@ -26,7 +27,7 @@ from worker.generation import (
 from worker.row import Row
 from worker.textstream import TokenDecoder
 
-__all__ = ["Engine", "GenerationRequest", "GenerationResult", "ModelInfo", "Turn", "device_fault"]
+__all__ = ["Engine", "GenerationRequest", "GenerationResult", "ModelInfo", "Turn"]
 
 log = logging.getLogger(__name__)
 
@@ -236,11 +237,6 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return sorted(ids)
-
-
-def device_fault(exc: BaseException) -> bool:
-    """Tell a GPU fault (the worker must report itself unhealthy) from one row's bad numbers."""
-    return "CUDA" in str(exc) or type(exc).__name__ in ("OutOfMemoryError", "AcceleratorError")
 
 
 def _error_result(request: GenerationRequest, code: str, message: str, prompt_tokens: int = 0) -> GenerationResult:

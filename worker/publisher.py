@@ -28,17 +28,18 @@ class EventBuffer:
 class JobPublisher:
     """Number a job's events after whatever an earlier attempt already published."""
 
-    def __init__(self, bus: TokenBus, job_id: str, attempt: int, buffer: EventBuffer | None = None) -> None:
+    def __init__(self, bus: TokenBus, job_id: str, buffer: EventBuffer | None = None) -> None:
         self.bus = bus
         self.buffer = buffer  # token events wait here for the step's single round trip
         self.job_id = job_id
         self.seq, text, _ = bus.snapshot(job_id)
         self.length = len(text)  # characters of text after the last event, for resuming followers
         self.closed = False
-        if attempt > 1 and self.seq > 0:
-            # A retried job starts its text over; followers drop what they showed so far.
+        if self.seq > 0:
+            # An earlier attempt (a dead worker, a released job) streamed already: this one starts the text
+            # over, and followers drop what they showed so far.
             self.length = 0
-            self._send(ResetEvent(seq=self._next(), attempt=attempt).wire())
+            self._send(ResetEvent(seq=self._next()).wire())
 
     def _next(self) -> int:
         """Return the next sequence number."""

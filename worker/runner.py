@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import redis
 from PIL import Image
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -21,32 +22,63 @@ from common.jobspec import JobSpec
 from common.models import Job, StoredImage
 from common.queue import QUEUES
 from worker.choices import ChoiceSet, requests_for, split_row_id
-from worker.engine import Engine, GenerationRequest, GenerationResult, device_fault
+from worker.engine import Engine, GenerationRequest, GenerationResult
+from worker.faults import classify
 from worker.publisher import EventBuffer, JobPublisher
 
 log = logging.getLogger(__name__)
+
+RELEASE_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)  # seconds between tries to hand jobs back while the database blinks
 
 
 class JobRunner:
     """Claim jobs (the task's own, then more that wait) and run them as one continuously batched generation."""
 
     def __init__(self, settings: Settings, engine: Callable[[], Engine | None], db: sessionmaker[Session],
-                 bus: TokenBus, worker_id: str, on_busy: Callable[[list[str]], None] | None = None) -> None:
+                 bus: TokenBus, worker_id: str, on_busy: Callable[[list[str]], None] | None = None,
+                 enqueue: Callable[[str, str], None] | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.db = db
         self.bus = bus
         self.worker_id = worker_id
         self.on_busy = on_busy or (lambda _ids: None)
+        self.enqueue = enqueue or (lambda _job_id, _queue: None)
         self.jobs_done = 0
         self._publishers: dict[str, JobPublisher] = {}
         self._buffer = EventBuffer(bus)
         self._models: dict[str, str] = {}
         self._choices: dict[str, ChoiceSet] = {}
+        self._active: set[str] = set()  # claimed by the current run and not yet stored
 
     def run(self, job_id: str) -> str | None:
-        """Run the task's job with whatever else waits; return its final status (None if someone else ran it)."""
+        """Run the task's job with whatever else waits; return its final status (None if someone else ran it).
+
+        A job fault fails the jobs in flight with their error. A device or infrastructure fault hands them
+        back to the queue and is raised for the service to heal the worker or wait for the service.
+        """
         engine = self.engine()
+        if engine is None:  # no model here: the job stays queued for a worker that has one
+            return None
+        self._active.clear()
+        try:
+            return self._run(job_id, engine)
+        except Exception as exc:
+            held = sorted(self._active)
+            kind = classify(exc)
+            if kind == "job":
+                log.exception("generation failed for %s", ", ".join(held) or job_id)
+                for held_id in held:
+                    self._store(held_id, jobs.Outcome("failed", error_code="generation_failed",
+                                                      error_message=f"{type(exc).__name__}: {exc}"))
+                return "failed"
+            log.warning("%s fault (%s: %s); handing %d job(s) back to the queue", kind, type(exc).__name__, exc,
+                        len(held))
+            self._release(held, count_attempt=kind == "device")
+            raise
+
+    def _run(self, job_id: str, engine: Engine) -> str | None:
+        """Claim the job and more, generate them together, and return the job's final status."""
         started = time.monotonic()
         with self.db() as db:
             own = jobs.claim(db, job_id, self.worker_id, self.settings.job_lease_s, self.settings.max_attempts)
@@ -75,7 +107,6 @@ class JobRunner:
 
         self.on_busy(lease.ids())
         try:
-            assert engine is not None
             engine.generate(
                 requests,
                 on_delta=self._delta,
@@ -83,23 +114,42 @@ class JobRunner:
                 check_cancelled=lambda rids: self._cancelled(rids, lease),
                 admit=admit,
             )
-        except Exception as exc:
-            log.exception("generation failed")
-            for rid in lease.ids():
-                self._store(rid, jobs.Outcome("failed", error_code="generation_failed",
-                                              error_message=f"{type(exc).__name__}: {exc}"))
-            if device_fault(exc):
-                raise  # the service frees memory and reports the worker unhealthy
-            return "failed" if own is not None else None
         finally:
-            self._buffer.flush()
             lease.stop()
             self.on_busy([])
+        self._buffer.flush()
         if own is None:
             return None
         with self.db() as db:
             final = jobs.load(db, job_id)
         return final.status if final is not None else None
+
+    def _release(self, job_ids: list[str], count_attempt: bool) -> None:
+        """Put jobs back on the queue (retrying while the database blinks) and wake a worker for each."""
+        self._buffer.pending.clear()  # their tokens belong to an attempt that will start over
+        for job_id in job_ids:
+            self._forget(job_id)
+        released: list[tuple[str, str]] = []
+        for delay in RELEASE_BACKOFF_S:
+            try:
+                with self.db() as db:
+                    released = jobs.release(db, job_ids, self.worker_id, count_attempt)
+                break
+            except Exception as exc:  # noqa: BLE001 - if it never works, the leases expire and the reaper acts
+                log.warning("could not release %d job(s) yet: %s", len(job_ids), exc)
+                time.sleep(delay)
+        for job_id, queue in released:
+            try:
+                self.enqueue(job_id, queue)
+            except Exception as exc:  # noqa: BLE001 - the job row is queued: admission or the reaper picks it up
+                log.warning("could not re-enqueue job %s: %s", job_id, exc)
+
+    def _forget(self, job_id: str) -> None:
+        """Drop what this runner keeps for a job it no longer holds."""
+        self._active.discard(job_id)
+        self._publishers.pop(job_id, None)
+        self._models.pop(job_id, None)
+        self._choices.pop(job_id, None)
 
     def _claim_more(self, db: Session, running: int, batch_rows: int | None = None) -> list[Job]:
         """Claim waiting jobs: chat first, alone (so their prefill is not shared with bulk rows; chats may also
@@ -118,7 +168,8 @@ class JobRunner:
         """Turn claimed jobs into engine requests (one per choice); a job that cannot run is failed at once."""
         requests = []
         for job in claimed:
-            self._publishers[job.id] = JobPublisher(self.bus, job.id, job.attempts, self._buffer)
+            self._active.add(job.id)
+            self._publishers[job.id] = JobPublisher(self.bus, job.id, self._buffer)
             if engine is None:
                 self._store(job.id, jobs.Outcome("failed", error_code="model_not_loaded",
                                                  error_message="this worker has no model loaded"))
@@ -157,18 +208,23 @@ class JobRunner:
 
     def _store(self, job_id: str, outcome: jobs.Outcome) -> str | None:
         """Write the outcome once, then close the stream; a job taken from us writes nothing."""
-        publisher = self._publishers.pop(job_id, None) or JobPublisher(self.bus, job_id, 1)
-        self._models.pop(job_id, None)
-        self._choices.pop(job_id, None)
+        publisher = self._publishers.get(job_id)
         with self.db() as db:
             if not jobs.finish(db, job_id, self.worker_id, outcome):
                 log.warning("job %s was taken from this worker before it finished; result dropped", job_id)
+                self._forget(job_id)
                 return None
+        self._forget(job_id)
         self.jobs_done += 1
-        if outcome.status == "failed":
-            publisher.error(outcome.error_code or "generation_failed", outcome.error_message or "generation failed")
-        else:
-            publisher.done(outcome)
+        try:
+            publisher = publisher or JobPublisher(self.bus, job_id)
+            if outcome.status == "failed":
+                publisher.error(outcome.error_code or "generation_failed",
+                                outcome.error_message or "generation failed")
+            else:
+                publisher.done(outcome)
+        except redis.RedisError as exc:  # the row is final: followers read it from the database
+            log.warning("could not publish the end of job %s: %s", job_id, exc)
         return outcome.status
 
 

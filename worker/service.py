@@ -7,9 +7,12 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import redis
 from celery import Celery
+from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from common import jobs
 from common.bus import TokenBus
@@ -18,9 +21,13 @@ from common.db import make_engine, make_session_factory
 from common.queue import enqueue, queue_depths
 from common.schemas import DoneEvent, ErrorEvent, WorkerStatus
 from worker.engine import Engine
+from worker.faults import device_fault, infrastructure_fault
 from worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
+
+EXIT_DEVICE_FAULT = 75  # EX_TEMPFAIL: the supervisor (make run, docker restart policy) starts a new worker
+MAX_LOAD_RETRY_S = 600.0
 
 
 class WorkerService:
@@ -37,29 +44,42 @@ class WorkerService:
         self.status = WorkerStatus(worker_id=self.worker_id, hostname=socket.gethostname(), pid=os.getpid(),
                                    state="loading", model=settings.model, started_at=time.time(),
                                    last_heartbeat=time.time())
-        self.runner = JobRunner(settings, lambda: self.engine, self.db, self.bus, self.worker_id, self._set_busy)
+        self.runner = JobRunner(settings, lambda: self.engine, self.db, self.bus, self.worker_id, self._set_busy,
+                                enqueue=lambda job_id, queue: enqueue(celery, job_id, queue))
+        self.exit: Callable[[int], None] = os._exit  # a test replaces it; a real worker must not linger
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._suspects: dict[str, float] = {}  # worker id -> when its liveness mark was first seen missing
         self._monitor = threading.Thread(target=self._monitor_loop, name="vlgate-monitor", daemon=True)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start beating, then load the model (blocking: no task is taken before the model is ready)."""
+        """Start beating, then load the model (blocking: no task is taken before the model is ready).
+
+        A failed load is retried with backoff and reported in the heartbeat meanwhile; the worker never
+        consumes a job without a model (it would only fail jobs that a healthy worker could run).
+        """
         self._monitor.start()
         self.beat()
         from worker.loader import load_engine
 
-        try:
-            engine = load_engine(self.settings)
-        except Exception as exc:  # noqa: BLE001 - reported through the heartbeat, not a silent death
-            log.exception("the model could not be loaded")
-            self._update(state="error", error=f"model load failed: {type(exc).__name__}: {exc}"[:1000])
+        delay = self.settings.load_retry_s
+        while not self._stop.is_set():
+            try:
+                engine = load_engine(self.settings)
+                break
+            except Exception as exc:  # noqa: BLE001 - reported through the heartbeat, then tried again
+                log.exception("the model could not be loaded; trying again in %.0f s", delay)
+                self._update(state="error", error=f"model load failed: {type(exc).__name__}: {exc}"[:1000])
+                self._stop.wait(delay)
+                delay = min(delay * 2, MAX_LOAD_RETRY_S)
+        else:
             return
         self.engine = engine
         info = engine.info
-        self._update(state="idle", loaded=True, model_label=info.label, is_demo=info.is_demo, device=info.device,
-                     fallback_reason=info.fallback_reason, device_fallback_reason=info.device_fallback_reason,
-                     gpu_name=_gpu_name(info.device))
+        self._update(state="idle", loaded=True, error=None, model_label=info.label, is_demo=info.is_demo,
+                     device=info.device, fallback_reason=info.fallback_reason,
+                     device_fallback_reason=info.device_fallback_reason, gpu_name=_gpu_name(info.device))
 
     def stop(self) -> None:
         """Stop the background thread and remove this worker from the health report."""
@@ -70,20 +90,66 @@ class WorkerService:
             pass
 
     def run_job(self, job_id: str) -> str | None:
-        """Run one job; a GPU error marks the worker unhealthy instead of killing it silently."""
-        if self.status.state == "error" and self.engine is not None:
-            # An unhealthy GPU takes no work: the job stays queued in the database, where healthy
-            # workers admit it (and the reaper re-enqueues it if the queue runs dry).
-            log.error("not running job %s: worker is unhealthy (%s)", job_id, self.status.error)
+        """Run one job; heal the worker after a device fault, wait out a Redis or database blip."""
+        if self.status.state == "error" or self.engine is None:
+            # Takes no work: the job stays queued in the database, where healthy workers admit it (and the
+            # reaper re-enqueues it if the queue runs dry).
+            log.error("not running job %s: worker is not ready (%s)", job_id, self.status.error)
             time.sleep(1.0)
             return None
         try:
             return self.runner.run(job_id)
-        except Exception as exc:
-            log.exception("GPU failure while running %s", job_id)
-            self._free_gpu()
-            self._update(state="error", error=f"GPU error: {type(exc).__name__}: {exc}"[:1000])
-            return "failed"
+        except Exception as exc:  # noqa: BLE001 - the runner handed the jobs in flight back to the queue
+            if device_fault(exc):
+                self._heal(exc)
+            elif infrastructure_fault(exc):
+                self._wait_for_services(exc)
+            else:
+                log.exception("job %s failed the worker", job_id)
+            return None
+
+    def _heal(self, exc: BaseException) -> None:
+        """After a device fault: free memory and check the device; if it stays broken, exit for a restart."""
+        log.error("device fault: %s: %s", type(exc).__name__, exc)
+        self._free_gpu()
+        problem = self._self_check()
+        if problem is None:
+            log.warning("the device recovered (a one-token generation works again); taking work")
+            return
+        self._update(state="error", error=f"GPU error: {type(exc).__name__}: {exc}; self-check: {problem}"[:1000])
+        log.critical("the device is still broken (%s): exiting %d so the supervisor starts a fresh worker",
+                     problem, EXIT_DEVICE_FAULT)
+        self.exit(EXIT_DEVICE_FAULT)
+
+    def _self_check(self) -> str | None:
+        """Generate one token on a text prompt; return what went wrong, or None when the device works."""
+        from worker.engine import GenerationRequest, Turn
+        from worker.sampling import SamplingParams
+
+        assert self.engine is not None
+        try:
+            probe = GenerationRequest("self-check", [Turn("user", "ping")], SamplingParams(temperature=0, max_tokens=1))
+            result = self.engine.generate([probe])[0]
+        except Exception as exc:  # noqa: BLE001 - any failure means the device is not usable
+            return f"{type(exc).__name__}: {exc}"
+        return None if result.finish_reason != "error" else (result.error_message or "the probe failed")
+
+    def _wait_for_services(self, exc: BaseException) -> None:
+        """After a Redis or database blip: wait, with backoff, until both answer again (bounded)."""
+        log.warning("a backing service failed (%s: %s); waiting for it", type(exc).__name__, exc)
+        deadline = time.monotonic() + self.settings.service_wait_s
+        delay = 0.2
+        while time.monotonic() < deadline and not self._stop.is_set():
+            try:
+                self.bus.redis.ping()
+                with self.db() as db:
+                    db.execute(text("SELECT 1"))
+                log.warning("Redis and the database answer again; taking work")
+                return
+            except Exception as retry:  # noqa: BLE001 - still down: wait longer
+                log.info("still waiting for the backing services: %s", retry)
+            self._stop.wait(delay)
+            delay = min(delay * 2, 5.0)
 
     # -- heartbeat and reaper ---------------------------------------------------------------------
     def beat(self) -> None:
@@ -92,7 +158,7 @@ class WorkerService:
             self.status.jobs_done = self.runner.jobs_done
             self.status.memory_used_mb, self.status.memory_total_mb = _gpu_memory(self.status.device)
             try:
-                self.bus.beat(self.status, ttl_s=self.settings.heartbeat_s * 3)
+                self.bus.beat(self.status, self.settings.heartbeat_s * 3, alive_ttl_s=self.settings.liveness_ttl_s)
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
 
@@ -115,6 +181,10 @@ class WorkerService:
         next_beat = time.monotonic() + self.settings.heartbeat_s
         while not self._stop.wait(min(tick, 1.0)):
             now = time.monotonic()
+            try:
+                self.bus.touch_alive(self.worker_id, self.settings.liveness_ttl_s)
+            except redis.RedisError:
+                pass  # the heartbeat logs the outage
             if now >= next_beat:
                 self.beat()
                 next_beat = now + self.settings.heartbeat_s
@@ -130,7 +200,7 @@ class WorkerService:
         if not self.bus.lock("reaper", self.settings.reaper_interval_s * 0.9):
             return jobs.Reaped()
         with self.db() as db:
-            found = jobs.reap(db, self.settings.max_attempts, self.settings.stale_queued_s)
+            found = jobs.reap(db, self.settings.max_attempts, self.settings.stale_queued_s, self._dead_workers(db))
             depths = queue_depths(self.celery) if found.stale_queued else {}
             lost = [(j, q) for j, q in found.stale_queued if depths.get(q, 0) == 0]
             for job_id, queue in found.requeue + lost:
@@ -146,6 +216,18 @@ class WorkerService:
             done = DoneEvent(seq=seq + 1, response=text, status="cancelled", finish_reason="cancelled")
             self.bus.publish(job_id, done.wire(), len(text))
         return found
+
+    def _dead_workers(self, db: Session) -> set[str]:
+        """Return the workers holding jobs whose liveness mark has been missing for a whole liveness period.
+
+        One missed look is not enough: after a Redis restart every mark is gone until the workers renew them
+        a second later, and their jobs must not be taken from them for that.
+        """
+        holders = jobs.running_workers(db) - {self.worker_id}
+        missing = holders - self.bus.alive_workers(holders)
+        now = time.monotonic()
+        self._suspects = {w: self._suspects.get(w, now) for w in missing}
+        return {w for w, since in self._suspects.items() if now - since >= self.settings.liveness_ttl_s}
 
     def _free_gpu(self) -> None:
         """Release cached GPU memory after a failure."""
