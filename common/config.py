@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     admit_interval_s: float = Field(0.05, gt=0, description="How often a busy worker looks for jobs to admit.")
     admit_batch_rows: int = Field(4, gt=0, description="Most batch items admitted into a running batch at once.")
     task_budget_s: float = Field(120.0, gt=0, description="After this long one task stops admitting new jobs.")
+    max_job_s: float = Field(600.0, gt=0, description="Wall-clock limit of one generation: a runaway row ends "
+                                                      "with finish_reason 'time_limit'.")
 
     # Service behaviour
     heartbeat_s: float = Field(30.0, gt=0, description="Seconds between worker heartbeats.")
@@ -68,6 +70,8 @@ class Settings(BaseSettings):
     job_lease_s: float = Field(30.0, gt=0, description="A claimed job is re-claimable when its lease expires.")
     max_attempts: int = Field(3, gt=0, description="Claims per job before it fails with worker_lost.")
     reaper_interval_s: float = Field(3.0, gt=0, description="How often a worker looks for orphaned jobs.")
+    upload_abandon_s: float = Field(600.0, gt=0, description="An upload that added no item for this long without "
+                                                             "completing is deleted by the reaper.")
     stale_queued_s: float = Field(60.0, gt=0, description="A queued job older than this is re-enqueued if lost.")
     visibility_timeout_s: int = Field(3600, gt=0, description="Redis broker redelivery of unacked tasks.")
     worker_id: str | None = Field(None, description="Name shown in health; default host:pid.")

@@ -12,6 +12,8 @@ ERROR_STATUS: dict[str, int] = {
     "unsupported_media_type": 415,
     "image_too_large": 413,
     "payload_too_large": 413,
+    "uri_too_long": 414,
+    "headers_too_large": 431,
     "not_found": 404,
     "session_not_found": 404,
     "job_not_found": 404,

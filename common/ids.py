@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from datetime import UTC, datetime
+
+_HEX = re.compile(r"[0-9a-f]{24}")
 
 
 def new_id(prefix: str) -> str:
     """Return a new identifier like ``job_3f9c0a…`` (96 random bits)."""
     return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def is_id(prefix: str, value: str) -> bool:
+    """Tell whether ``value`` is shaped like an id ``new_id(prefix)`` makes (so a lookup can 404 at once)."""
+    return len(value) == len(prefix) + 25 and value.startswith(f"{prefix}_") and _HEX.fullmatch(value[-24:]) is not None
 
 
 def utcnow() -> datetime:

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from common.ids import from_epoch, utcnow
-from common.models import Job, Message
+from common.models import Batch, Job, Message
 
 
 def claim(db: Session, job_id: str, worker_id: str, lease_s: float, max_attempts: int) -> Job | None:
@@ -64,8 +64,10 @@ def claim_next(db: Session, worker_id: str, lease_s: float, max_attempts: int, l
         while used < limit:
             candidates = db.execute(
                 select(Job.id)
+                # enqueued_at is set when the job's request committed: an upload's items still streaming in
+                # (their batch not yet complete) are not claimable.
                 .where(Job.queue == queue, Job.status == "queued", Job.cancel_requested.is_(False),
-                       Job.attempts < max_attempts)
+                       Job.attempts < max_attempts, Job.enqueued_at.is_not(None))
                 .order_by(Job.created_at, Job.batch_index)
                 .limit((limit - used) * 2)
             ).scalars().all()
@@ -244,6 +246,25 @@ def reap(db: Session, max_attempts: int, stale_queued_s: float, dead_workers: Co
     ]
     db.commit()
     return found
+
+
+def reap_abandoned_batches(db: Session, abandon_s: float) -> list[str]:
+    """Delete batches whose upload stopped before it committed (a crashed web, a vanished client); return them.
+
+    Such a batch still has ``total`` 0 and its items were never claimable; it is abandoned once no item has
+    been added for ``abandon_s``.
+    """
+    cutoff = utcnow() - timedelta(seconds=abandon_s)
+    last_item = (select(func.max(Job.created_at)).where(Job.batch_id == Batch.id).scalar_subquery())
+    stale = db.execute(
+        select(Batch.id).where(Batch.total == 0, Batch.created_at < cutoff,
+                               or_(last_item.is_(None), last_item < cutoff))
+    ).scalars().all()
+    for batch_id in stale:
+        db.execute(delete(Job).where(Job.batch_id == batch_id, Job.status.in_(("queued", "failed"))))
+        db.execute(delete(Batch).where(Batch.id == batch_id, Batch.total == 0))
+    db.commit()
+    return list(stale)
 
 
 def running_workers(db: Session) -> set[str]:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from common.jobspec import SamplingSpec, StopSpec
 
@@ -13,6 +21,18 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 FINAL_EVENTS = ("done", "error")  # every stream ends with exactly one of these
 MAX_WAIT_S = 600  # the longest a request may wait for its answer (also the OpenAI SDK's default timeout)
+
+
+def _no_bool(value: Any) -> Any:
+    """Refuse true/false where a number is meant (pydantic would read true as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_no_bool)]
+Number = Annotated[float, BeforeValidator(_no_bool)]
+GREEDY_BELOW = 1e-5  # a temperature under this samples like 0 (as vLLM does): dividing by it overflows
 
 
 class Strict(BaseModel):
@@ -61,16 +81,17 @@ class ResponseFormat(BaseModel):
 class GenerationParams(Strict):
     """Decoding parameters accepted wherever a prompt is; out-of-range values are errors, never clamped."""
 
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy. Default 0.5.")
-    max_tokens: int | None = Field(None, ge=1, description="1 to VLGATE_MAX_TOKENS_LIMIT (2048). Default 512.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, le=1000, description="0 = off.")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: lowers tokens already generated.")
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: lowers tokens by their count.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    temperature: Number | None = Field(None, ge=0.0, le=2.0, description="0 = greedy (so is anything under "
+                                                                          "1e-5). Default 0.5.")
+    max_tokens: Count | None = Field(None, ge=1, description="1 to VLGATE_MAX_TOKENS_LIMIT (2048). Default 512.")
+    top_p: Number = Field(1.0, gt=0.0, le=1.0)
+    top_k: Count = Field(0, ge=0, le=1000, description="0 = off.")
+    repetition_penalty: Number = Field(1.0, ge=0.01, le=2.0)
+    presence_penalty: Number = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: lowers tokens already generated.")
+    frequency_penalty: Number = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: lowers tokens by their count.")
+    seed: Count | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(None, max_length=4)
-    min_tokens: int = Field(0, ge=0, description="Suppress end-of-sequence before this many tokens (as in vLLM).")
+    min_tokens: Count = Field(0, ge=0, description="Suppress end-of-sequence before this many tokens (as in vLLM).")
     response_format: ResponseFormat | None = Field(
         None, description="`{\"type\": \"json_object\"}` or `{\"type\": \"json_schema\", \"json_schema\": "
                           "{\"name\", \"schema\"}}`: the answer is constrained to JSON (that follows the schema).")

@@ -280,3 +280,19 @@ def test_end_of_turn_stops_the_row_with_reason_stop(engine):
     finally:
         engine.suppressed = saved
     assert result.finish_reason == "stop" and result.completion_tokens == 1 and result.text == ""
+
+
+def test_a_row_whose_sampling_breaks_fails_alone_and_tiny_temperatures_are_greedy(engine):
+    alone = [engine.generate([ask(f"a{i}", color=(40 * i, 90, 90))])[0].text for i in range(2)]
+    rows = [ask("a0", color=(0, 90, 90)), ask("nan", temperature=float("nan"), seed=1),
+            ask("tiny", temperature=1e-300, color=(40, 90, 90)), ask("a1", color=(40, 90, 90))]
+    out = {r.request_id: r for r in engine.generate(rows)}
+    assert out["nan"].finish_reason == "error" and out["nan"].error_code == "generation_failed"
+    assert "sampling failed" in out["nan"].error_message
+    assert [out["a0"].text, out["a1"].text] == alone  # the innocent rows are untouched
+    assert out["tiny"].text == alone[1] and out["tiny"].finish_reason != "error"  # 1e-300 samples as greedy
+
+
+def test_a_runaway_generation_ends_at_its_wall_clock_limit(engine):
+    result = engine.generate([ask("slow", max_tokens=2048, min_tokens=2048, max_seconds=0.05)])[0]
+    assert result.finish_reason == "time_limit" and 0 < result.completion_tokens < 2048 and result.text

@@ -10,7 +10,9 @@ from flask import Blueprint, Flask, request
 from flask_sock import Sock
 
 from common import jobs
-from common.errors import error_body
+from common.errors import ApiError, error_body
+from common.ids import is_id
+from common.text import parse_json
 from web.errors import error_parts
 from web.extensions import Services, services
 from web.services.jobs import cancel_job
@@ -40,6 +42,7 @@ class Connection:
         self.ws = ws
         self.svc = svc
         self.hub = StreamHub(svc.bus, svc.session_factory, self.send)
+        self.cancel_on_close: set[str] = set()  # turns whose client asked to cancel them when it leaves
 
     def send(self, event: dict[str, Any]) -> None:
         """Send one JSON frame."""
@@ -48,9 +51,9 @@ class Connection:
     def handle(self, raw: str | bytes) -> None:
         """Act on one client message: a chat turn or a cancel."""
         try:
-            message = json.loads(raw)
-        except ValueError:
-            self.send(error_event("invalid_json", "Messages must be JSON objects."))
+            message = parse_json(raw)
+        except ApiError as exc:
+            self.send(error_event(exc.code, exc.message))
             return
         kind = message.pop("type", None) if isinstance(message, dict) else None
         if kind == "chat":
@@ -63,7 +66,15 @@ class Connection:
             self.send(error_event("invalid_request", "type: must be 'chat', 'cancel' or 'ping'."))
 
     def chat(self, body: dict[str, Any]) -> None:
-        """Submit a turn exactly like POST /api/jobs, then stream its answer."""
+        """Submit a turn exactly like POST /api/jobs, then stream its answer.
+
+        ``cancel_on_disconnect`` (default false) cancels the turn if the socket closes before it ends;
+        by default the answer is finished and lands in the session, where a reload finds it.
+        """
+        leave_cancels = body.pop("cancel_on_disconnect", False)
+        if not isinstance(leave_cancels, bool):
+            self.send(error_event("invalid_request", "cancel_on_disconnect: must be true or false"))
+            return
         try:
             with self.svc.session_factory() as db:
                 submitted = submit_chat(db, self.svc, body)
@@ -72,6 +83,8 @@ class Connection:
             return
         job = submitted.job
         self.send({"type": "accepted", "job_id": job.id, "session_id": job.session_id})
+        if leave_cancels:
+            self.cancel_on_close.add(job.id)
         self.hub.follow(job.id)
 
     def cancel(self, job_id: str) -> None:
@@ -93,6 +106,12 @@ class Connection:
                     raw = self.ws.receive(timeout=0)
         finally:
             self.hub.close()
+            for job_id in self.cancel_on_close & set(self.hub.followers):  # asked for, and not finished
+                try:
+                    with self.svc.session_factory() as db:
+                        cancel_job(db, self.svc.bus, job_id)
+                except Exception:  # noqa: BLE001 - nobody to tell; the job ends by its own limits
+                    log.warning("could not cancel job %s after its socket closed", job_id, exc_info=True)
 
 
 @sock.route("/ws/chat", bp=bp)
@@ -108,7 +127,7 @@ def job_socket(ws: Any, job_id: str) -> None:
     connection = Connection(ws, svc)
     after = request.args.get("after", default=0, type=int) or 0
     with svc.session_factory() as db:
-        exists = jobs.load(db, job_id) is not None
+        exists = is_id("job", job_id) and jobs.load(db, job_id) is not None
     if not exists:
         connection.send(error_event("job_not_found", f"Job {job_id} does not exist.", job_id))
         return
@@ -118,7 +137,9 @@ def job_socket(ws: Any, job_id: str) -> None:
 
 def init_app(app: Flask) -> None:
     """Register the WebSocket routes (gunicorn needs the gthread worker class for them)."""
-    app.config.setdefault("SOCK_SERVER_OPTIONS", {"ping_interval": 25})
+    # A message larger than any valid request body is refused (the socket closes with 1009) before it is held.
+    app.config.setdefault("SOCK_SERVER_OPTIONS", {"ping_interval": 25, "max_message_size": app.config[
+        "MAX_CONTENT_LENGTH"]})
     sock.init_app(app)
     app.register_blueprint(bp)
 

@@ -26,8 +26,8 @@ def split_row_id(request_id: str) -> tuple[str, int]:
     return job_id, int(index)
 
 
-def requests_for(job_id: str, spec: JobSpec, images: dict[str, Image.Image],
-                 enqueued_at: float | None) -> list[GenerationRequest]:
+def requests_for(job_id: str, spec: JobSpec, images: dict[str, Image.Image], enqueued_at: float | None,
+                 max_seconds: float | None = None) -> list[GenerationRequest]:
     """Build one engine request per choice: the same turns, each choice with its own seed."""
     turns = [Turn(t.role, t.text, [images[i] for i in t.image_ids]) for t in spec.turns]
     s, stop = spec.sampling, spec.stop
@@ -38,7 +38,7 @@ def requests_for(job_id: str, spec: JobSpec, images: dict[str, Image.Image],
             repetition_penalty=s.repetition_penalty, seed=None if s.seed is None else s.seed + index,
             stop=list(stop.strings), min_tokens=stop.min_tokens, presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty, logprobs=s.logprobs, top_logprobs=s.top_logprobs,
-            response_format=s.response_format,
+            response_format=s.response_format, max_seconds=max_seconds,
         )
         out.append(GenerationRequest(row_id(job_id, index), turns, params, enqueued_at=enqueued_at))
     return out

@@ -206,6 +206,8 @@ class Engine:
             row.finish_reason = "stop"
         elif row.generated >= row.request.params.max_tokens:
             row.finish_reason = "length"
+        elif row.request.params.max_seconds and time.time() - row.started_at > row.request.params.max_seconds:
+            row.finish_reason = "time_limit"  # a runaway generation ends; what it wrote so far is kept
         return token
 
     def _collate(self, prepared: list[dict]) -> dict[str, torch.Tensor]:

@@ -176,7 +176,8 @@ class JobRunner:
                 continue
             try:
                 spec = _spec(job)
-                rows = requests_for(job.id, spec, _images(db, spec.image_ids()), to_epoch(job.created_at))
+                rows = requests_for(job.id, spec, _images(db, spec.image_ids()), to_epoch(job.created_at),
+                                    self.settings.max_job_s)
             except LookupError as exc:
                 self._store(job.id, jobs.Outcome("failed", error_code="invalid_request", error_message=str(exc)))
                 continue

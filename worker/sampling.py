@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from common.schemas import GREEDY_BELOW
+
 
 @dataclass
 class SamplingParams:
@@ -26,11 +28,12 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     response_format: dict[str, Any] | None = None  # constrained decoding (worker.constraints)
+    max_seconds: float | None = None  # wall-clock limit of the generation (the worker's VLGATE_MAX_JOB_S)
 
     @property
     def greedy(self) -> bool:
-        """Tell whether this row decodes greedily."""
-        return self.temperature <= 0.0
+        """Tell whether this row decodes greedily (a temperature under 1e-5 would overflow the division)."""
+        return self.temperature < GREEDY_BELOW
 
 
 class RowSampler:

@@ -207,6 +207,8 @@ class WorkerService:
                 log.warning("re-enqueueing orphaned job %s on %s", job_id, queue)
                 enqueue(self.celery, job_id, queue)
             jobs.mark_enqueued(db, [j for j, _ in lost])
+            for batch_id in jobs.reap_abandoned_batches(db, self.settings.upload_abandon_s):
+                log.warning("deleted batch %s: its upload stopped before it was complete", batch_id)
         for job_id in found.failed:
             seq, text, _ = self.bus.snapshot(job_id)
             lost = ErrorEvent(seq=seq + 1, code="worker_lost", message="the job's worker was lost too many times")

@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from flask import request
 
 from common.errors import ApiError
+from common.text import parse_json
 
 JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
               bool: "a boolean", type(None): "null"}
-
-
 def json_value() -> Any:
     """Return the request body as any JSON value, or raise 415/400 with a stable code."""
     if not request.is_json:
         got = request.mimetype or "no content type"
         raise ApiError("unsupported_media_type", f"Send the body as application/json (got {got}).")
     raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError("invalid_json", f"The body is not valid JSON: {exc}.") from exc
-    return body
+    return parse_json(raw)
 
 
 def describe_json_type(value: Any) -> str:

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from common.jobspec import MAX_TOP_LOGPROBS
-from common.schemas import ResponseFormat, TokenLogprob
+from common.schemas import Count, Number, ResponseFormat, TokenLogprob
 
 # Fields that change what a request means and that vlgate does not do yet: refused by name, never ignored.
 UNSUPPORTED_FIELDS = {
@@ -31,7 +31,7 @@ class TextPart(_Wire):
 class ImageURL(_Wire):
     url: str = Field(..., min_length=1, description="A data: URL, or http(s) from VLGATE_ALLOWED_MEDIA_DOMAINS.")
     detail: Literal["auto", "low", "high"] = "auto"
-    max_pixels: int | None = Field(None, gt=0, description="vlgate extension: this image's pixel budget.")
+    max_pixels: Count | None = Field(None, gt=0, description="vlgate extension: this image's pixel budget.")
 
 
 class ImagePart(_Wire):
@@ -74,24 +74,24 @@ class ChatCompletionRequest(_Wire):
 
     model: str = Field(..., min_length=1)
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI; max_completion_tokens wins.")
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
+    max_completion_tokens: Count | None = Field(None, ge=1)
+    max_tokens: Count | None = Field(None, ge=1, description="Deprecated by OpenAI; max_completion_tokens wins.")
+    temperature: Number | None = Field(None, ge=0.0, le=2.0)
+    top_p: Number | None = Field(None, gt=0.0, le=1.0)
+    n: Count = Field(1, ge=1)
     stop: str | list[Annotated[str, Field(min_length=1)]] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: Count | None = Field(None, ge=0, le=2**63 - 1)
+    presence_penalty: Number = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: Number = Field(0.0, ge=-2.0, le=2.0)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: Count | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    top_k: int | None = Field(None, ge=-1, le=1000, description="vLLM extension; -1 or 0 = off.")
-    min_tokens: int = Field(0, ge=0, description="vLLM extension.")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="vLLM extension.")
+    top_k: Count | None = Field(None, ge=-1, le=1000, description="vLLM extension; -1 or 0 = off.")
+    min_tokens: Count = Field(0, ge=0, description="vLLM extension.")
+    repetition_penalty: Number = Field(1.0, ge=0.01, le=2.0, description="vLLM extension.")
     tool_choice: Any = None
     modalities: list[str] | None = None
 

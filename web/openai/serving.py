@@ -33,7 +33,8 @@ from web.services.submit import DraftTurn, submit_turns
 from web.services.workers import ready_workers
 
 # vlgate's job finish reasons in OpenAI's words ("abort" for a cancelled job, as vLLM says).
-FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort"}
+# "time_limit" (VLGATE_MAX_JOB_S) is cut short like "length": the closest of OpenAI's reasons.
+FINISH_REASONS = {"stop": "stop", "length": "length", "time_limit": "length", "cancelled": "abort"}
 
 
 def served_model(settings: Settings) -> str:

@@ -73,13 +73,25 @@ def _jsonl(results: Iterator[BatchItemResult]) -> Iterator[str]:
     yield "".join(chunk)
 
 
+# A cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    """Defuse a text cell a spreadsheet would run as a formula (OWASP: prefix it with a single quote)."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def _csv_row(item: BatchItemResult) -> tuple[Any, ...]:
-    """Flatten an item into the CSV columns (empty cells for what it lacks)."""
+    """Flatten an item into the CSV columns (empty cells for what it lacks); text cells are defused."""
     usage = item.usage
-    return (item.index, item.name or "", item.job_id, item.status, item.response or "", item.finish_reason or "",
-            item.error.code if item.error else "", item.error.message if item.error else "",
-            usage.prompt_tokens if usage else "", usage.completion_tokens if usage else "",
-            usage.total_tokens if usage else "")
+    row = (item.index, item.name or "", item.job_id, item.status, item.response or "", item.finish_reason or "",
+           item.error.code if item.error else "", item.error.message if item.error else "",
+           usage.prompt_tokens if usage else "", usage.completion_tokens if usage else "",
+           usage.total_tokens if usage else "")
+    return tuple(_cell(value) for value in row)
 
 
 def _csv(results: Iterator[BatchItemResult]) -> Iterator[str]:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from common.bus import TokenBus
 from common.config import Settings
 from common.errors import ApiError
-from common.ids import isoformat, new_id, utcnow
+from common.ids import is_id, isoformat, new_id, utcnow
 from common.images import ImageError, NormalizedImage, image_from_base64
 from common.jobspec import JobSpec, SamplingSpec, StopSpec, TurnSpec
 from common.models import Batch, Job
@@ -227,7 +227,7 @@ def create_json_batch(db: Session, services: Services, batch: JsonBatch) -> str:
 def get_batch(db: Session, batch_id: str) -> Batch:
     """Load a batch fresh from the database or raise 404 ``batch_not_found``."""
     fresh = select(Batch).where(Batch.id == batch_id).execution_options(populate_existing=True)
-    batch = db.execute(fresh).scalar_one_or_none()
+    batch = db.execute(fresh).scalar_one_or_none() if is_id("batch", batch_id) else None
     if batch is None:
         raise ApiError("batch_not_found", f"Batch {batch_id} does not exist.")
     return batch

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from common import jobs
 from common.bus import TokenBus
 from common.errors import ERROR_STATUS, ApiError
-from common.ids import isoformat
+from common.ids import is_id, isoformat
 from common.models import Job
 from common.schemas import (
     FINAL_EVENTS,
@@ -46,7 +46,7 @@ def is_final(job: Job) -> bool:
 
 def get_job(db: Session, job_id: str) -> Job:
     """Load a job fresh from the database or raise 404 ``job_not_found``."""
-    job = jobs.load(db, job_id)
+    job = jobs.load(db, job_id) if is_id("job", job_id) else None
     if job is None:
         raise ApiError("job_not_found", f"Job {job_id} does not exist.")
     return job

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from common.bus import TokenBus
 from common.errors import ApiError
-from common.ids import isoformat
+from common.ids import is_id, isoformat
 from common.models import ChatSession, Job, Message, StoredImage
 from common.schemas import MessagePublic, SessionDeleted, SessionPublic
 from web.services.jobs import cancel_job
@@ -15,6 +15,8 @@ from web.services.jobs import cancel_job
 
 def get_session(db: Session, session_id: str) -> SessionPublic:
     """Return a conversation's turns in order, or raise 404 ``session_not_found``."""
+    if not is_id("sess", session_id):
+        raise ApiError("session_not_found", f"Session {session_id} does not exist.")
     chat = db.execute(
         select(ChatSession)
         .where(ChatSession.id == session_id)
@@ -35,7 +37,7 @@ def get_session(db: Session, session_id: str) -> SessionPublic:
 
 def delete_session(db: Session, bus: TokenBus, session_id: str) -> SessionDeleted:
     """Cancel a conversation's unfinished jobs and delete it with its messages (images are shared, so kept)."""
-    if db.get(ChatSession, session_id) is None:
+    if not is_id("sess", session_id) or db.get(ChatSession, session_id) is None:
         raise ApiError("session_not_found", f"Session {session_id} does not exist.")
     pending = db.execute(
         select(Job.id).where(Job.session_id == session_id, Job.status.in_(("queued", "running")))
@@ -51,7 +53,8 @@ def delete_session(db: Session, bus: TokenBus, session_id: str) -> SessionDelete
 
 def get_image(db: Session, image_id: str) -> bytes:
     """Return a stored image's PNG bytes, or raise 404."""
-    data = db.execute(select(StoredImage.data).where(StoredImage.id == image_id)).scalar_one_or_none()
+    found = select(StoredImage.data).where(StoredImage.id == image_id)
+    data = db.execute(found).scalar_one_or_none() if is_id("img", image_id) else None
     if data is None:
         raise ApiError("not_found", f"Image {image_id} does not exist.")
     return data

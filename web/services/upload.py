@@ -21,6 +21,7 @@ from common.config import Settings
 from common.errors import ApiError
 from common.images import IMAGE_TOO_LARGE, ImageError, normalize_image
 from common.schemas import BatchItemCreate, GenerationParams
+from common.text import check_string
 from web.extensions import Services
 from web.services.batches import BatchWriter, PreparedItem
 from web.services.submit import validation_context
@@ -117,6 +118,7 @@ def drain(stream: IO[bytes]) -> None:
 
 def _add_field(fields: dict[str, Any], part: TextPart) -> None:
     """Collect a text field; empty optional fields (an untouched form input) count as absent."""
+    check_string(part.value, part.name)
     if part.name not in FORM_FIELDS:
         raise ApiError("invalid_request", f"{part.name}: unknown field (extra inputs are not permitted)")
     if part.name != "prompt" and part.value == "":
@@ -137,10 +139,15 @@ def parse_form(fields: dict[str, Any], settings: Settings) -> BatchItemCreate:
     return BatchItemCreate.model_validate(fields, context=validation_context(settings))
 
 
+def _storable(name: str) -> str:
+    """Make a file name storable anywhere (a NUL or an undecodable byte becomes U+FFFD): it is only a label."""
+    return name.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+
+
 def prepare_file(part: FilePart, form: BatchItemCreate, settings: Settings) -> PreparedItem:
     """Normalise an uploaded image; a bad or oversized one fails its item alone."""
     sampling, stop = form.job_parts(settings.default_temperature, settings.default_max_tokens)
-    item = PreparedItem(prompt=form.prompt, sampling=sampling, stop=stop, name=part.filename[:255] or None)
+    item = PreparedItem(prompt=form.prompt, sampling=sampling, stop=stop, name=_storable(part.filename)[:255] or None)
     if part.data is None:
         item.error = ImageError(IMAGE_TOO_LARGE, f"The file is {part.size:,} bytes; the limit is "
                                                  f"{settings.max_image_bytes:,} bytes.", 413)
