@@ -137,6 +137,7 @@ class Outcome:
     model: str | None = None
     choices: list[dict[str, Any]] | None = None  # every choice, when there are several or logprobs
     image_tokens: int | None = None
+    truncated_turns: int | None = None
 
 
 def finish(db: Session, job_id: str, worker_id: str, outcome: Outcome) -> bool:
@@ -158,6 +159,7 @@ def finish(db: Session, job_id: str, worker_id: str, outcome: Outcome) -> bool:
             model=outcome.model,
             choices=outcome.choices,
             image_tokens=outcome.image_tokens,
+            truncated_turns=outcome.truncated_turns,
             first_token_at=from_epoch(first) if first else None,
             finished_at=now,
             lease_expires_at=None,

@@ -133,6 +133,7 @@ class Job(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     image_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)  # of prompt_tokens
+    truncated_turns: Mapped[int | None] = mapped_column(Integer, nullable=True)  # left out to fit the context
     # Every choice (ChoiceOutcome) when the job asked for several or for log-probabilities; else None.
     choices: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

@@ -292,6 +292,8 @@ class JobPublic(BaseModel):
     usage: Usage | None = None
     timings: dict[str, float | None] | None = None
     model: str | None = None
+    truncated_turns: int | None = Field(None, description="Oldest turns left out so the conversation fit the "
+                                                          "model's context (the session keeps them all).")
     attempts: int
     created_at: str
     started_at: str | None = None
@@ -311,6 +313,8 @@ class ChatResponse(BaseModel):
     usage: Usage | None = None
     timings: dict[str, float | None] | None = None
     model: str | None = None
+    truncated_turns: int | None = Field(None, description="Oldest turns left out so the conversation fit the "
+                                                          "model's context (the session keeps them all).")
 
 
 class MessagePublic(BaseModel):
@@ -434,8 +438,9 @@ class DoneEvent(_Event):
     timings: dict[str, float | None] | None = None
     choices: list[ChoiceOutcome] | None = None
     image_tokens: int | None = None
+    truncated_turns: int | None = None
 
-    _optional = ("choices", "image_tokens")
+    _optional = ("choices", "image_tokens", "truncated_turns")
 
 
 class ErrorEvent(_Event):

@@ -296,3 +296,26 @@ def test_a_row_whose_sampling_breaks_fails_alone_and_tiny_temperatures_are_greed
 def test_a_runaway_generation_ends_at_its_wall_clock_limit(engine):
     result = engine.generate([ask("slow", max_tokens=2048, min_tokens=2048, max_seconds=0.05)])[0]
     assert result.finish_reason == "time_limit" and 0 < result.completion_tokens < 2048 and result.text
+
+
+def test_a_conversation_longer_than_the_context_drops_its_oldest_turns(engine, monkeypatch):
+    monkeypatch.setattr(engine.info, "max_context", 360)
+    long = "Tell me everything about this picture in great detail please. " * 6
+    turns = [Turn("system", "You are terse.")]
+    for i in range(4):
+        turns += [Turn("user", f"{i}: {long}", [Image.new("RGB", (64, 48), (i * 50, 10, 10))]),
+                  Turn("assistant", long)]
+    turns.append(Turn("user", "And now?"))
+    result = engine.generate([GenerationRequest("long", turns, SamplingParams(temperature=0, max_tokens=8))])[0]
+    assert result.finish_reason != "error", result.error_message
+    assert result.truncated_turns % 2 == 0 and 2 <= result.truncated_turns <= 8
+    assert result.prompt_tokens + 8 <= 360
+    # Keeping one more pair would not have fitted: the fewest turns were dropped, the system turn kept.
+    request = GenerationRequest("probe", turns, SamplingParams(max_tokens=8))
+    one_more = turns[:1] + turns[1 + result.truncated_turns - 2:]
+    assert int(engine.prepare(request, one_more)["input_ids"].shape[1]) + 8 > 360
+    kept = turns[:1] + turns[1 + result.truncated_turns:]
+    assert int(engine.prepare(request, kept)["input_ids"].shape[1]) == result.prompt_tokens
+    monkeypatch.setattr(engine.info, "max_context", 20)
+    alone = engine.generate([GenerationRequest("x", turns[-1:], SamplingParams(temperature=0, max_tokens=8))])[0]
+    assert alone.finish_reason == "error" and alone.error_code == "context_length_exceeded"

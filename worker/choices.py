@@ -74,4 +74,5 @@ class ChoiceSet:
         return jobs.Outcome("cancelled" if cancelled else "succeeded", response=first.text,
                             finish_reason=first.finish_reason, prompt_tokens=first.prompt_tokens,
                             completion_tokens=sum(r.completion_tokens for r in ordered), timings=first.timings,
-                            model=model, choices=choices, image_tokens=first.image_tokens)
+                            model=model, choices=choices, image_tokens=first.image_tokens,
+                            truncated_turns=first.truncated_turns or None)

@@ -67,9 +67,9 @@ class Engine:
             images.extend(turn.images)
         return self.processor.apply_chat_template(chat, add_generation_prompt=True), images
 
-    def prepare(self, request: GenerationRequest) -> dict[str, Any]:
-        """Tokenize one request and preprocess its images (CPU work, done before the batch runs)."""
-        prompt, images = self.render(request.messages)
+    def prepare(self, request: GenerationRequest, messages: Sequence[Turn] | None = None) -> dict[str, Any]:
+        """Tokenize one request (or these of its turns) and preprocess its images (CPU work, before the batch)."""
+        prompt, images = self.render(request.messages if messages is None else messages)
         features = self.processor(text=[prompt], images=images or None, return_tensors="pt")
         return {k: v for k, v in features.items() if k in _MODEL_INPUTS}
 
@@ -122,7 +122,7 @@ class Engine:
         rows, prepared = [], []
         for request in requests:
             try:
-                features = self.prepare(request)
+                features, truncated = self._fit(request)
             except Exception as exc:  # noqa: BLE001 - a bad request fails alone
                 finish(_error_result(request, "invalid_request", f"could not build the prompt: {exc}"))
                 continue
@@ -141,11 +141,31 @@ class Engine:
                     continue
             ids = features["input_ids"][0].tolist()
             image_tokens = ids.count(self.image_token_id) if self.image_token_id is not None else 0
-            rows.append(Row(request, ids, self.decoder, self.device, constraint, image_tokens))
+            rows.append(Row(request, ids, self.decoder, self.device, constraint, image_tokens, truncated))
             prepared.append(features)
         if not rows:
             return None
         return RunningBatch.prefill(self.model, rows, self._collate(prepared))
+
+    def _fit(self, request: GenerationRequest) -> tuple[dict[str, Any], int]:
+        """Prepare a request, dropping its oldest turns (and their images) until prompt + max_tokens fits.
+
+        System turns and the last turn are always kept; a dropped question takes its answer with it. Returns
+        the features and how many turns were dropped (the stored conversation keeps them all).
+        """
+        messages = list(request.messages)
+        dropped = 0
+        while True:
+            features = self.prepare(request, messages)
+            if int(features["input_ids"].shape[1]) + request.params.max_tokens <= self.info.max_context:
+                return features, dropped
+            oldest = next((i for i, turn in enumerate(messages[:-1]) if turn.role != "system"), None)
+            if oldest is None:
+                return features, dropped  # the last turn alone is too long: the caller says so
+            pair = messages[oldest].role == "user" and oldest + 1 < len(messages) - 1 and \
+                messages[oldest + 1].role == "assistant"
+            del messages[oldest:oldest + (2 if pair else 1)]
+            dropped += 2 if pair else 1
 
     def _choose(self, batch: RunningBatch, on_delta: DeltaCallback | None, finish: FinishCallback,
                 check_cancelled: CancelCheck | None) -> list[int]:

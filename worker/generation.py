@@ -49,6 +49,7 @@ class GenerationResult:
     error_message: str | None = None
     logprobs: list[dict[str, Any]] | None = None  # per generated token, when the request asked for them
     image_tokens: int = 0  # of prompt_tokens
+    truncated_turns: int = 0  # oldest turns left out to fit the context
 
     @property
     def usage(self) -> dict[str, int]:

@@ -70,7 +70,8 @@ class JobPublisher:
             event = DoneEvent(seq=self._next(), response=outcome.response, status=outcome.status,
                               finish_reason=outcome.finish_reason, timings=outcome.timings,
                               usage=Usage.of(outcome.prompt_tokens, outcome.completion_tokens),
-                              choices=choices, image_tokens=outcome.image_tokens)
+                              choices=choices, image_tokens=outcome.image_tokens,
+                              truncated_turns=outcome.truncated_turns)
             self._send(event.wire())
 
     def error(self, code: str, message: str) -> None:

@@ -17,10 +17,11 @@ class Row:
     """Decoding state of one request inside a running batch."""
 
     def __init__(self, request: GenerationRequest, prompt_ids: list[int], decoder: TokenDecoder, device: torch.device,
-                 constraint: RowConstraint | None, image_tokens: int) -> None:
+                 constraint: RowConstraint | None, image_tokens: int, truncated_turns: int = 0) -> None:
         self.request = request
         self.prompt_len = len(prompt_ids)
         self.image_tokens = image_tokens
+        self.truncated_turns = truncated_turns  # oldest turns left out so the conversation fits the context
         self.sampler = RowSampler(request.params, device, prompt_ids)
         self.stream = TextStream(decoder, request.params.stop)
         self.constraint = constraint
@@ -52,7 +53,7 @@ class Row:
         return GenerationResult(self.request.request_id, self.stream.text, self.finish_reason or "stop",
                                 self.prompt_len, self.generated, timings, logprobs=self.logprobs,
                                 image_tokens=self.image_tokens, error_code="generation_failed" if self.error else None,
-                                error_message=self.error)
+                                error_message=self.error, truncated_turns=self.truncated_turns)
 
     def emit(self, on_delta: DeltaCallback | None, delta: str) -> None:
         """Hand a text delta (with the log-probabilities of the tokens behind it, if asked for) to the caller."""

@@ -1,4 +1,4 @@
-"""job spec, choices and image tokens
+"""job spec, choices, image tokens and truncated turns
 
 Revision ID: 0003
 Revises: 0002
@@ -64,12 +64,14 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('spec', sa.JSON(), nullable=True))
         batch_op.add_column(sa.Column('choices', sa.JSON(), nullable=True))
         batch_op.add_column(sa.Column('image_tokens', sa.Integer(), nullable=True))
+        batch_op.add_column(sa.Column('truncated_turns', sa.Integer(), nullable=True))
     _backfill()
 
 
 def downgrade() -> None:
     """Downgrade schema."""
     with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.drop_column('truncated_turns')
         batch_op.drop_column('image_tokens')
         batch_op.drop_column('choices')
         batch_op.drop_column('spec')

@@ -91,6 +91,7 @@ def job_public(job: Job, bus: TokenBus) -> JobPublic:
         usage=usage(job),
         timings=timings(job),
         model=job.model,
+        truncated_turns=job.truncated_turns,
         attempts=job.attempts,
         created_at=isoformat(job.created_at) or "",
         started_at=isoformat(job.started_at),
@@ -120,6 +121,7 @@ def chat_response(job: Job) -> ChatResponse:
         usage=usage(job),
         timings=timings(job),
         model=job.model,
+        truncated_turns=job.truncated_turns,
     )
 
 
