@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 
-.PHONY: install dev run generate test lint bench clean demo
+.PHONY: install dev run generate test lint bench clean demo faults
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: dev
 	scripts/ensure_services.sh
 	scripts/ensure_browser.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## The fault proof at length: kill -9, Redis restarts, dropped database connections, a web killed mid-upload.
+faults: dev
+	scripts/ensure_services.sh
+	VLGATE_FAULT_SCALE=$${VLGATE_FAULT_SCALE:-5} $(PY) -m pytest -q -s tests/test_faults.py
 
 lint: dev
 	$(BIN)/ruff check .
