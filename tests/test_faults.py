@@ -103,7 +103,12 @@ def test_kill_9_at_random_moments_loses_and_doubles_nothing(stack: Stack):
     for round_no in range(2 * SCALE):
         live.wait_until(lambda: running(stack, job_ids), 60, 0.05, "jobs to be generating")
         time.sleep(rng.uniform(0.1, 1.0))  # a random moment mid-generation
-        stack.workers[-1].kill()
+        victim = stack.workers[-1]
+        victim.kill()
+        killed = time.monotonic()
+        live.wait_until(lambda gone=victim.name: gone not in [w["worker_id"] for w in requests.get(
+            f"{stack.base}/api/health", timeout=5).json()["workers"]], 10, 0.1, "health to drop the dead worker")
+        print(f"\nhealth dropped the killed worker after {time.monotonic() - killed:.1f} s")
         stack.add_worker(f"f{round_no + 2}-{secrets.token_hex(2)}")
     counts = tally(stack, job_ids, timeout=120 * SCALE)
     assert counts["lost"] == counts["answered twice"] == counts["stuck"] == 0, counts

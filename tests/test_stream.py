@@ -169,3 +169,31 @@ def test_unknown_job_socket_answers_job_not_found(stack: live.Stack):
     ws = Client.connect(ws_url(stack, "/ws/jobs/job_000000000000000000000000"))
     event = receive(ws, 10)
     assert event["type"] == "error" and event["code"] == "job_not_found"
+
+
+def test_a_turn_that_asked_for_it_is_cancelled_when_its_socket_goes(stack: live.Stack):
+    ws = Client.connect(ws_url(stack, "/ws/chat"))
+    ws.send(json.dumps({"type": "chat", "prompt": "Keep going.", "max_tokens": 2048, "min_tokens": 2048,
+                        "temperature": 0, "cancel_on_disconnect": True}))
+    accepted = receive(ws)
+    read_stream(ws, limit=5)
+    ws.sock.shutdown(socket.SHUT_RDWR)
+    ws.sock.close()
+    job = stack.poll(accepted["job_id"], timeout=30)
+    assert job["status"] == "cancelled" and 5 <= job["usage"]["completion_tokens"] < 2048
+
+
+def test_hostile_frames_get_error_frames_and_the_socket_lives_on(stack: live.Stack):
+    ws = Client.connect(ws_url(stack, "/ws/chat"))
+    try:
+        ws.send("[" * 5000 + "]" * 5000)
+        assert receive(ws, 10)["code"] == "invalid_json"
+        ws.send(json.dumps({"type": "chat", "prompt": "a\u0000b"}))
+        nul = receive(ws, 10)
+        assert nul["type"] == "error" and nul["code"] == "invalid_request" and "NUL" in nul["message"]
+        ws.send(json.dumps({"type": "chat", "prompt": "hi", "cancel_on_disconnect": "yes"}))
+        assert "cancel_on_disconnect" in receive(ws, 10)["message"]
+        ws.send(json.dumps({"type": "ping"}))
+        assert receive(ws, 10) == {"type": "pong"}
+    finally:
+        close(ws)
