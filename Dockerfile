@@ -1,12 +1,15 @@
 # vlgate application image: the web app, the Celery worker and the migrations share it.
 FROM python:3.11-slim
 
+# NVIDIA_DRIVER_CAPABILITIES: "utility" makes the NVIDIA runtime mount nvidia-smi, which the worker's
+# supervisor (scripts/supervise.py) asks for the GPUs the container sees, one worker process each.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/models \
-    VLGATE_DATA_DIR=/data
+    VLGATE_DATA_DIR=/data \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 WORKDIR /app
 

@@ -20,7 +20,8 @@ install: $(VENV)/.installed
 
 dev: $(VENV)/.dev-installed
 
-## Serve everything on one host: Redis (found or started), SQLite + migrations, a worker, the web on :8501.
+## Serve everything on one host: Redis (found or started), SQLite + migrations, one worker per GPU (or one on
+## the CPU), the web on :8501; a process that dies is restarted with backoff.
 run: install
 	$(PY) scripts/run_local.py $(RUN_ARGS)
 

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     service_wait_s: float = Field(120.0, gt=0, description="How long a worker waits for Redis/the database to "
                                                            "return after a blip before taking work again.")
     web_port: int = Field(8501, gt=0, lt=65536)
+    gpus: str = Field("all", pattern=r"^\s*(?i:all|none|cpu|\d+(\s*,\s*\d+)*)\s*$",
+                      description="GPUs that `make run` and the worker container start one worker each on: 'all' "
+                                  "(every visible one), indices like '0,1', or 'none'/'cpu' (one CPU worker).")
 
     # OpenAI-compatible API
     served_model_name: str | None = Field(None, description="The model id /v1 reports; default: VLGATE_MODEL.")

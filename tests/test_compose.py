@@ -11,6 +11,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from common.config import Settings
+from scripts.supervise import worker_argv
+
 ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = "/app"  # the Dockerfile's WORKDIR: where the repository lies inside the image
 SCRIPTS = sorted([*ROOT.glob("docker/*.sh"), *ROOT.glob("scripts/*.sh")])
@@ -129,28 +132,41 @@ def test_web(services: dict[str, dict[str, Any]]) -> None:
     assert _script(web["command"]).name == "web.sh"
 
 
-def test_one_worker_per_gpu(services: dict[str, dict[str, Any]]) -> None:
+def test_one_worker_service_holds_every_gpu(services: dict[str, dict[str, Any]]) -> None:
     workers = _workers(services)
-    device_ids, worker_ids = [], []
+    # `docker compose up` on any host: one service, no profile to turn on, every GPU reserved.
+    default = {name: worker for name, worker in workers.items() if not worker.get("profiles")}
+    assert list(default) == ["worker"], f"one worker service instead of one per GPU: {sorted(workers)}"
     for name, worker in workers.items():
         (device,) = _gpu_devices(worker)
         assert "gpu" in device["capabilities"], name
-        assert len(device["device_ids"]) == 1, f"{name}: one GPU per worker"
-        device_ids.append(str(device["device_ids"][0]))
+        assert ("count" in device) != ("device_ids" in device), f"{name}: compose takes count or device_ids"
         env = _env(worker)
-        # The container sees only its reserved GPU, always as cuda:0, whatever its host index.
-        assert env["VLGATE_DEVICE"] == "cuda:0", name
-        assert env.get("CUDA_VISIBLE_DEVICES") in (None, "0"), name
-        worker_ids.append(env["VLGATE_WORKER_ID"])
+        # The supervisor pins each worker process to one GPU (cuda:0 inside it); a fixed device or
+        # CUDA_VISIBLE_DEVICES here would put every process on the same card.
+        assert env.get("VLGATE_DEVICE") in (None, "auto"), name
+        assert "CUDA_VISIBLE_DEVICES" not in env, name
+        assert "VLGATE_WORKER_ID" not in env, f"{name}: ids come from the container's host name and the GPU"
         assert _script(worker["command"]).name == "worker.sh"
         assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
         assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
-        assert _seconds(worker["stop_grace_period"]) >= 60, f"{name}: let a generation finish on shutdown"
-    assert len(set(device_ids)) == len(device_ids), f"two workers share a GPU: {device_ids}"
-    assert len(set(worker_ids)) == len(worker_ids), f"worker ids repeat: {worker_ids}"
-    # A single-GPU host runs `docker compose up` as is: exactly the worker on GPU 0 has no profile.
-    default = [name for name, worker in workers.items() if not worker.get("profiles")]
-    assert [str(_gpu_devices(workers[name])[0]["device_ids"][0]) for name in default] == ["0"]
+    worker = default["worker"]
+    assert _gpu_devices(worker)[0]["count"] == "all"
+    assert _env(worker)["VLGATE_GPUS"] == "all"
+    Settings(gpus=_env(worker)["VLGATE_GPUS"])  # a value the workers accept
+    assert re.search(r"device_ids: \[\"0\", \"1\"\]", (ROOT / "docker-compose.yml").read_text()), \
+        "the file shows how to pin the worker service to some GPUs"
+
+
+def test_worker_stop_lets_generations_finish_within_the_grace_period(services: dict[str, dict[str, Any]]) -> None:
+    script = (ROOT / "docker/worker.sh").read_text()
+    stop = re.search(r"--stop-timeout \"\$\{WORKER_STOP_TIMEOUT_S:-(\d+)\}\"", script)
+    assert stop, "worker.sh gives the supervisor a stop timeout"
+    for name, worker in _workers(services).items():
+        grace = _seconds(worker["stop_grace_period"])
+        assert grace >= 60, f"{name}: let a generation finish on shutdown"
+        # The supervisor kills stragglers itself before Docker's SIGKILL ends the container.
+        assert int(stop[1]) < grace, f"{name}: supervisor stop timeout {stop[1]} s exceeds the grace {grace} s"
 
 
 def test_named_volumes_for_models_data_and_logs(services: dict[str, dict[str, Any]], compose: dict[str, Any]) -> None:
@@ -228,6 +244,9 @@ def test_entrypoints_run_the_agreed_servers() -> None:
     web = (ROOT / "docker/web.sh").read_text()
     assert re.search(r"^exec gunicorn -k gthread .*", web, re.M) and '"web:create_app()"' in web
     worker = (ROOT / "docker/worker.sh").read_text()
-    assert re.search(r"^exec celery -A worker\.celery_app:app worker --pool solo", worker, re.M)
-    assert "-Q chat,batch" in worker
+    assert re.search(r"^exec python scripts/supervise\.py\b", worker, re.M)
+    assert (ROOT / "scripts/supervise.py").is_file() and "scripts" not in (ROOT / ".dockerignore").read_text().split()
+    # What the supervisor runs per GPU: the solo pool (the model stays in the process that loaded it).
+    argv = " ".join(worker_argv("gpu0@%h"))
+    assert "-m celery -A worker.celery_app:app worker --pool solo --concurrency 1 -Q chat,batch -n gpu0@%h" in argv
     assert "alembic upgrade head" in (ROOT / "docker/migrate.sh").read_text()

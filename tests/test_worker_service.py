@@ -11,11 +11,11 @@ from sqlalchemy import select
 
 from common.config import Settings
 from common.models import Job
-from common.queue import make_celery
+from common.queue import EXIT_DEVICE_FAULT, make_celery
 from common.schemas import WorkerStatus
 from tests.conftest import store_queued_job
 from worker.engine import ModelInfo
-from worker.service import EXIT_DEVICE_FAULT, WorkerService
+from worker.service import WorkerService
 
 REDIS_URL = "redis://127.0.0.1:6379/12"
 EXITS: list[int] = []  # exit codes a service asked for
@@ -125,4 +125,18 @@ def test_a_worker_without_a_model_claims_nothing(tmp_path: Path):
     job_id = _queued_job(service)
     assert service.run_job(job_id) is None
     assert _job(service, job_id).status == "queued" and _job(service, job_id).attempts == 0
+    service.stop()
+
+
+def test_a_restarted_worker_hands_back_what_its_previous_process_held(tmp_path: Path):
+    from common import jobs
+
+    service = _service(tmp_path, _FailingEngine(ValueError("unused")))
+    job_id = _queued_job(service)
+    with service.db() as db:  # the previous process under the same id took it, then died
+        assert jobs.claim(db, job_id, "flaky", lease_s=3600, max_attempts=3) is not None
+    service._reclaim_own_jobs()
+    job = _job(service, job_id)
+    assert job.status == "queued" and job.worker_id is None and job.attempts == 1
+    assert service.bus.redis.llen("chat") == 1
     service.stop()

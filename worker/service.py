@@ -11,14 +11,15 @@ from collections.abc import Callable
 
 import redis
 from celery import Celery
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from common import jobs
 from common.bus import TokenBus
 from common.config import Settings
 from common.db import make_engine, make_session_factory
-from common.queue import enqueue, queue_depths
+from common.models import Job
+from common.queue import EXIT_DEVICE_FAULT, enqueue, queue_depths
 from common.schemas import DoneEvent, ErrorEvent, WorkerStatus
 from worker.engine import Engine
 from worker.faults import device_fault, infrastructure_fault
@@ -26,7 +27,6 @@ from worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
 
-EXIT_DEVICE_FAULT = 75  # EX_TEMPFAIL: the supervisor (make run, docker restart policy) starts a new worker
 MAX_LOAD_RETRY_S = 600.0
 
 
@@ -75,11 +75,26 @@ class WorkerService:
                 delay = min(delay * 2, MAX_LOAD_RETRY_S)
         else:
             return
+        self._reclaim_own_jobs()
         self.engine = engine
         info = engine.info
         self._update(state="idle", loaded=True, error=None, model_label=info.label, is_demo=info.is_demo,
                      device=info.device, fallback_reason=info.fallback_reason,
                      device_fallback_reason=info.device_fallback_reason, gpu_name=_gpu_name(info.device))
+
+    def _reclaim_own_jobs(self) -> None:
+        """Hand back jobs an earlier process with this worker id held (a supervisor restarts a GPU's worker
+        under the same id): they are orphans, and nobody should wait for their leases to run out."""
+        try:
+            with self.db() as db:
+                held = list(db.scalars(select(Job.id).where(Job.worker_id == self.worker_id,
+                                                            Job.status == "running")))
+                released = jobs.release(db, held, self.worker_id, count_attempt=True)
+            for job_id, queue in released:
+                log.warning("re-queueing job %s, held by this worker's previous process", job_id)
+                enqueue(self.celery, job_id, queue)
+        except Exception:  # noqa: BLE001 - the reaper finds them when their leases run out
+            log.warning("could not re-queue the previous process's jobs", exc_info=True)
 
     def stop(self) -> None:
         """Stop the background thread and remove this worker from the health report."""
