@@ -83,6 +83,15 @@ class Settings(BaseSettings):
                       description="GPUs that `make run` and the worker container start one worker each on: 'all' "
                                   "(every visible one), indices like '0,1', or 'none'/'cpu' (one CPU worker).")
 
+    # Observability
+    metrics_port: int | None = Field(9400, ge=0, lt=65536, description="Port of a worker's own /metrics "
+                                                                      "(0 or empty: off); several workers on one "
+                                                                      "host take the next free ports.")
+    metrics_dir: Path | None = Field(None, description="prometheus-client's multi-process directory for the web's "
+                                                       "gunicorn workers; default: DATA_DIR/metrics.")
+    log_format: str = Field("text", pattern="^(text|json)$", description="'json': one JSON object per log line.")
+    log_level: str = Field("INFO", description="Log level of vlgate's own loggers.")
+
     # OpenAI-compatible API
     served_model_name: str | None = Field(None, description="The model id /v1 reports; default: VLGATE_MODEL.")
     max_choices: int = Field(4, gt=0, le=16, description="Largest `n` a /v1 request may ask for.")
@@ -116,6 +125,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'vlgate.db').resolve()}"
+
+    @property
+    def metrics_path(self) -> Path:
+        """Return where the web's gunicorn workers keep their shared metric files."""
+        return self.metrics_dir or self.data_dir / "metrics"
 
     @property
     def demo_dir(self) -> Path:
