@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Any
+
+
+def on_starting(server: Any) -> None:
+    """Give this server's workers one fresh prometheus-client multi-process directory (web/metrics.py).
+
+    It is set before any worker starts (prometheus-client picks its storage when first imported) and is
+    per server, so two servers on one data directory never mix their counts; directories left by servers
+    that are gone are removed.
+    """
+    from common.config import get_settings
+
+    root = get_settings().metrics_path
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob("gunicorn-*"):
+        if not _alive(int(old.name.rsplit("-", 1)[1])):
+            shutil.rmtree(old, ignore_errors=True)
+    mine = root / f"gunicorn-{os.getpid()}"
+    shutil.rmtree(mine, ignore_errors=True)
+    mine.mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mine)
 
 
 def post_worker_init(worker: Any) -> None:
@@ -10,3 +32,23 @@ def post_worker_init(worker: Any) -> None:
     from web.server import use_json_errors
 
     use_json_errors()
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Drop a dead worker's live gauges from the shared metrics."""
+    from prometheus_client import multiprocess
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def _alive(pid: int) -> bool:
+    """Tell whether a process exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+

@@ -219,11 +219,16 @@ class Supervisor:
             raise Shutdown(name)
 
     def _pump(self, name: str, stream: IO[bytes]) -> None:
-        """Copy a child's output lines to stdout behind its name (several workers share one terminal or log)."""
+        """Copy a child's output lines to stdout behind its name (several workers share one terminal or log).
+
+        JSON log lines (VLGATE_LOG_FORMAT=json) pass unchanged: a log shipper must be able to parse them,
+        and each already names its worker.
+        """
         for line in iter(stream.readline, b""):
             with self._out_lock:
                 try:
-                    sys.stdout.buffer.write(f"{name:<{self._width}} | ".encode() + line)
+                    prefix = b"" if line.startswith(b"{") else f"{name:<{self._width}} | ".encode()
+                    sys.stdout.buffer.write(prefix + line)
                     sys.stdout.buffer.flush()
                 except (OSError, ValueError):
                     pass  # nobody reads our output any more: keep draining so that the child never blocks

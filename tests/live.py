@@ -111,9 +111,9 @@ def worker(name: str, env: dict[str, str], log_dir: Path) -> Service:
     return Service(name, argv, {**env, "VLGATE_WORKER_ID": name}, log_dir)
 
 
-def web(port: int, env: dict[str, str], log_dir: Path, name: str = "web") -> Service:
-    """The web app under gunicorn, the production server."""
-    argv = [str(BIN / "gunicorn"), "-k", "gthread", "--threads", "16", "-w", "1", "-b", f"127.0.0.1:{port}",
+def web(port: int, env: dict[str, str], log_dir: Path, name: str = "web", processes: int = 1) -> Service:
+    """The web app under gunicorn, the production server (``processes`` gunicorn workers)."""
+    argv = [str(BIN / "gunicorn"), "-k", "gthread", "--threads", "16", "-w", str(processes), "-b", f"127.0.0.1:{port}",
             "--timeout", "0", "--graceful-timeout", "5", "web:create_app()"]
     return Service(name, argv, env, log_dir)
 

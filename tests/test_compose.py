@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -17,6 +18,9 @@ from scripts.supervise import worker_argv
 ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = "/app"  # the Dockerfile's WORKDIR: where the repository lies inside the image
 SCRIPTS = sorted([*ROOT.glob("docker/*.sh"), *ROOT.glob("scripts/*.sh")])
+# Services that run someone else's image; the monitoring and flower profiles are the optional ones.
+THIRD_PARTY = {"redis": None, "postgres": None, "prometheus": "monitoring", "grafana": "monitoring",
+               "flower": "flower"}
 
 
 def _interpolate(value: Any) -> Any:
@@ -62,8 +66,8 @@ def _workers(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def _app_services(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Return the services that run the vlgate image (everything but redis and postgres)."""
-    return {name: service for name, service in services.items() if name not in ("redis", "postgres")}
+    """Return the services that run the vlgate image (everything but the third-party ones)."""
+    return {name: service for name, service in services.items() if name not in THIRD_PARTY}
 
 
 def _script(command: list[str] | str) -> Path:
@@ -250,3 +254,163 @@ def test_entrypoints_run_the_agreed_servers() -> None:
     argv = " ".join(worker_argv("gpu0@%h"))
     assert "-m celery -A worker.celery_app:app worker --pool solo --concurrency 1 -Q chat,batch -n gpu0@%h" in argv
     assert "alembic upgrade head" in (ROOT / "docker/migrate.sh").read_text()
+
+
+# --- optional profiles: monitoring (Prometheus, Grafana) and flower; docs/metrics.md ---------------------------
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Return a service's bind mounts of repository files as {container path: path in the repository}."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith("./"):
+            mounts[target] = source.removeprefix("./")
+    return mounts
+
+
+def _host_port(service: dict[str, Any], container_port: int) -> tuple[str, int]:
+    """Return the (address, host port) a container port is published on."""
+    for port in service.get("ports", []):
+        *address, host, inner = str(port).split(":")
+        if int(inner) == container_port:
+            return (address[0] if address else "0.0.0.0"), int(host)
+    raise AssertionError(f"port {container_port} is not published")
+
+
+def _documented_metrics() -> set[str]:
+    """Return the metric names docs/metrics.md lists as exposed (engine and gateway tables)."""
+    text = (ROOT / "docs/metrics.md").read_text()
+    exposed = text.split("## Engine metrics", 1)[1].split("### vLLM metrics vlgate does not have", 1)[0]
+    exposed += text.split("## Gateway metrics", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `((?:vllm:|vlgate_)\w+)`", exposed, re.M))
+
+
+def _expr_metrics(expr: str) -> set[str]:
+    """Return the metric names a PromQL expression reads, histogram series folded to their histogram."""
+    return {re.sub(r"_(bucket|sum|count)$", "", name) for name in re.findall(r"\b(?:vllm:|vlgate_)\w+", expr)}
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict[str, Any]:
+    """The Grafana dashboard the monitoring profile provisions."""
+    return json.loads((ROOT / "docs/grafana-dashboard.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def prometheus_config() -> dict[str, Any]:
+    """Prometheus's scrape configuration."""
+    return yaml.safe_load((ROOT / "docker/prometheus.yml").read_text())
+
+
+def test_optional_profiles_leave_the_default_stack_alone(services: dict[str, dict[str, Any]]) -> None:
+    profiled = {name: service["profiles"] for name, service in services.items() if service.get("profiles")}
+    assert profiled == {name: [profile] for name, profile in THIRD_PARTY.items() if profile}
+    for name, profile in THIRD_PARTY.items():
+        image = services[name]["image"]
+        assert re.fullmatch(r"[\w./-]+:v?\d[\w.-]*", image), f"{name}: pin a version, not {image}"
+        if profile:
+            # Dashboards, metrics and Flower are for the operator: published on the loopback address only.
+            for port in services[name]["ports"]:
+                assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond this host"
+
+
+def test_app_services_take_the_observability_settings(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in _app_services(services).items():
+        assert Settings(log_format=_env(service)["VLGATE_LOG_FORMAT"]).log_format == "text", name
+    assert Settings(metrics_port=_env(services["worker"])["VLGATE_METRICS_PORT"]).metrics_port == 9400
+
+
+def test_prometheus_mounts_its_config_and_scrapes_web_and_every_worker(
+        services: dict[str, dict[str, Any]], compose: dict[str, Any], prometheus_config: dict[str, Any]) -> None:
+    prometheus = services["prometheus"]
+    assert prometheus["image"].startswith("prom/prometheus:")
+    config_path = next(arg.split("=", 1)[1] for arg in prometheus["command"] if arg.startswith("--config.file="))
+    assert _mounts(prometheus)[config_path] == "docker/prometheus.yml"
+    assert _named_volumes(prometheus, compose["volumes"])["prometheus-data"] == "/prometheus"
+
+    jobs = {job["job_name"]: job for job in prometheus_config["scrape_configs"]}
+    targets = {name: [target for group in job["static_configs"] for target in group["targets"]]
+               for name, job in jobs.items()}
+    assert all(job.get("metrics_path", "/metrics") == "/metrics" for job in jobs.values())
+    web_port = Settings().web_port
+    assert any(str(port).split(":")[-1] == str(web_port) for port in services["web"]["ports"])
+    assert targets["vlgate-web"] == [f"web:{web_port}"]
+    # One target per worker process: the first on VLGATE_METRICS_PORT, the next ones on the following ports.
+    first = int(_env(services["worker"])["VLGATE_METRICS_PORT"])
+    assert targets["vlgate-worker"] == [f"worker:{port}" for port in range(first, first + 8)]
+    hosts = {target.split(":")[0] for group in targets.values() for target in group}
+    assert hosts <= set(services), f"scrape targets that are not compose services: {hosts - set(services)}"
+
+
+def test_grafana_provisions_the_datasource_and_the_dashboard(services: dict[str, dict[str, Any]]) -> None:
+    grafana = services["grafana"]
+    assert grafana["image"].startswith("grafana/grafana:")
+    assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    assert "/-/ready" in " ".join(services["prometheus"]["healthcheck"]["test"])
+    mounts = _mounts(grafana)
+    for source in mounts.values():
+        assert (ROOT / source).exists(), f"grafana mounts {source}, which is missing"
+
+    (datasources,) = [target for target in mounts if target.endswith("/provisioning/datasources")]
+    (source,) = yaml.safe_load((ROOT / mounts[datasources] / "prometheus.yml").read_text())["datasources"]
+    assert source["type"] == "prometheus" and source["isDefault"]
+    url = urlsplit(source["url"])
+    assert url.hostname == "prometheus" and _host_port(services["prometheus"], url.port)
+
+    (providers,) = [target for target in mounts if target.endswith("/provisioning/dashboards")]
+    (provider,) = yaml.safe_load((ROOT / mounts[providers] / "vlgate.yml").read_text())["providers"]
+    dashboards_dir = provider["options"]["path"]
+    dashboards = [source for target, source in mounts.items() if target.startswith(dashboards_dir + "/")]
+    assert dashboards == ["docs/grafana-dashboard.json"]
+    home = _env(grafana)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert mounts[home] == "docs/grafana-dashboard.json"
+
+
+def test_dashboard_loads_and_every_panel_reads_a_documented_metric(dashboard: dict[str, Any]) -> None:
+    documented = _documented_metrics()
+    assert {"vllm:time_to_first_token_seconds", "vlgate_queue_depth"} <= documented  # the parse found the tables
+    assert 36 <= dashboard["schemaVersion"] <= 41
+    assert dashboard["uid"] and dashboard["title"] and dashboard.get("id") is None
+    (source,) = [var for var in dashboard["templating"]["list"] if var["name"] == "DS_PROMETHEUS"]
+    assert (source["type"], source["query"]) == ("datasource", "prometheus")
+
+    panels = dashboard["panels"]
+    assert len({panel["id"] for panel in panels}) == len(panels)
+    covered: set[str] = set()
+    for panel in panels:
+        title = panel["title"]
+        grid = panel["gridPos"]
+        assert {"x", "y", "w", "h"} <= set(grid) and grid["x"] + grid["w"] <= 24, title
+        assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", title
+        assert panel["targets"], f"{title} has no query"
+        read: set[str] = set()
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${DS_PROMETHEUS}", title
+            assert target["expr"].count("(") == target["expr"].count(")"), f"{title}: {target['expr']}"
+            read |= _expr_metrics(target["expr"])
+        assert read, f"{title} reads no vlgate or vLLM metric"
+        assert read <= documented, f"{title} reads metrics docs/metrics.md does not list: {read - documented}"
+        covered |= read
+    # The panels the dashboard is for.
+    assert {"vlgate_queue_depth", "vllm:num_requests_running", "vllm:num_requests_waiting",
+            "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
+            "vllm:e2e_request_latency_seconds", "vllm:generation_tokens_total", "vllm:prompt_tokens_total",
+            "vlgate_requests_refused_total", "vlgate_worker_up", "vlgate_jobs"} <= covered
+    for occupied in range(len(panels)):  # no two panels overlap
+        a = panels[occupied]["gridPos"]
+        for other in panels[occupied + 1:]:
+            b = other["gridPos"]
+            assert (a["x"] + a["w"] <= b["x"] or b["x"] + b["w"] <= a["x"] or a["y"] + a["h"] <= b["y"]
+                    or b["y"] + b["h"] <= a["y"]), f"{panels[occupied]['title']} overlaps {other['title']}"
+
+
+def test_flower_watches_the_same_broker(services: dict[str, dict[str, Any]]) -> None:
+    flower = services["flower"]
+    assert flower["image"].startswith("mher/flower:")
+    command = flower["command"]
+    assert command[0] == "celery" and "flower" in command
+    broker = next(arg.split("=", 1)[1] for arg in command if arg.startswith("--broker="))
+    assert broker == _env(services["web"])["VLGATE_REDIS_URL"] == _env(services["worker"])["VLGATE_REDIS_URL"]
+    assert flower["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert _host_port(flower, 5555) == ("127.0.0.1", 5555)
+    assert _env(flower)["FLOWER_BASIC_AUTH"] is None, "credentials come from the host, never from this file"

@@ -8,7 +8,8 @@ from __future__ import annotations
 from flask import Flask
 
 from common.config import Settings, get_settings
-from web import api, batch_page, errors, extensions, main, ws
+from common.logs import configure_logging
+from web import api, batch_page, errors, extensions, main, metrics, ws
 from web.openai import routes as openai_routes
 
 MIB = 1024 * 1024
@@ -23,6 +24,7 @@ def max_body_bytes(settings: Settings) -> int:
 def create_app(settings: Settings | None = None) -> Flask:
     """Create the web app for these settings (default: from the environment)."""
     settings = settings or get_settings()
+    configure_logging(settings)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes(settings)
     app.json.sort_keys = False  # keep the schemas' field order in answers
@@ -33,4 +35,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     batch_page.init_app(app)
     ws.init_app(app)
     openai_routes.init_app(app)
+    metrics.init_app(app)
     return app

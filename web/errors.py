@@ -13,6 +13,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, Reque
 
 from common.errors import ERROR_STATUS, ApiError, error_body, openai_error_body
 from common.images import ImageError
+from web.metrics import count_refusal
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def error_response(code: str, message: str, status: int | None = None, param: st
     ``{"error": {"message", "type", "param", "code"}}``. The code and message are the same in both.
     """
     status = status if status is not None else ERROR_STATUS.get(code, 500)
+    count_refusal(status, code)
     openai = has_request_context() and request.path.startswith(OPENAI_PREFIX)
     response = jsonify(openai_error_body(code, message, status, param) if openai else error_body(code, message))
     response.status_code = status

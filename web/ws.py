@@ -15,6 +15,7 @@ from common.ids import is_id
 from common.text import parse_json
 from web.errors import error_parts
 from web.extensions import Services, services
+from web.metrics import FOLLOWERS
 from web.services.jobs import cancel_job
 from web.services.stream import StreamHub
 from web.services.submit import submit_chat
@@ -97,6 +98,7 @@ class Connection:
 
     def serve(self, until_idle: bool) -> None:
         """Relay events and read client messages until the client leaves (or, if asked, nothing is followed)."""
+        FOLLOWERS.labels("websocket").inc()
         try:
             while not (until_idle and not self.hub.followers):
                 self.hub.pump(POLL_S)
@@ -105,6 +107,7 @@ class Connection:
                     self.handle(raw)
                     raw = self.ws.receive(timeout=0)
         finally:
+            FOLLOWERS.labels("websocket").dec()
             self.hub.close()
             for job_id in self.cancel_on_close & set(self.hub.followers):  # asked for, and not finished
                 try:

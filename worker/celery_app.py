@@ -7,6 +7,7 @@ import logging
 from celery import signals
 
 from common.config import get_settings
+from common.logs import configure_logging
 from common.queue import RUN_JOB_TASK, make_celery
 from worker.service import WorkerService
 
@@ -28,7 +29,7 @@ def service() -> WorkerService:
 @signals.worker_init.connect
 def _load_model(**_: object) -> None:
     """Load the model in the worker's main process before it consumes any task (solo pool)."""
-    logging.getLogger("vlgate").setLevel(logging.INFO)
+    configure_logging(settings)
     service().start()
 
 

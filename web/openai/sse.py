@@ -21,6 +21,7 @@ from common.errors import ERROR_STATUS, openai_error_body
 from common.models import Job
 from common.schemas import DoneEvent, ErrorEvent, ResetEvent, StreamEvent, TokenEvent
 from web.extensions import Services
+from web.metrics import FOLLOWERS
 from web.openai.protocol import ChatCompletionChunk, ChunkChoice, Delta
 from web.openai.serving import CompletionIds, completion_usage, finish_reason, logprobs_of
 from web.services.jobs import cancel_job
@@ -78,6 +79,7 @@ class CompletionStream:
     def __iter__(self) -> Iterator[str]:
         """Yield the SSE frames until the job's stream ends or the client leaves (then cancel the job)."""
         keepalive = self.services.settings.sse_keepalive_s
+        FOLLOWERS.labels("sse").inc()
         try:
             for i in range(self.n):  # one choice per chunk, as OpenAI streams several choices
                 yield self.chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
@@ -96,6 +98,7 @@ class CompletionStream:
                     quiet_since = time.monotonic()
                     yield ": keep-alive\n\n"
         finally:
+            FOLLOWERS.labels("sse").dec()
             self.close()
 
     def close(self) -> None:

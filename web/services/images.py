@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 
 from common.images import NormalizedImage
 from common.models import StoredImage
+from web.metrics import observe_image
 
 
 def image_id(sha256: str) -> str:
@@ -17,6 +18,7 @@ def image_id(sha256: str) -> str:
 
 def store_image(db: Session, image: NormalizedImage) -> str:
     """Store an image once (by sha256) and return its id; a concurrent insert of the same image is fine."""
+    observe_image(image)
     existing = db.execute(select(StoredImage.id).where(StoredImage.sha256 == image.sha256)).scalar_one_or_none()
     if existing is not None:
         return existing
