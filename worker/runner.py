@@ -24,6 +24,7 @@ from common.queue import QUEUES
 from worker.choices import ChoiceSet, requests_for, split_row_id
 from worker.engine import Engine, GenerationRequest, GenerationResult
 from worker.faults import classify
+from worker.metrics import DecodeSteps, WorkerMetrics
 from worker.publisher import EventBuffer, JobPublisher
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class JobRunner:
 
     def __init__(self, settings: Settings, engine: Callable[[], Engine | None], db: sessionmaker[Session],
                  bus: TokenBus, worker_id: str, on_busy: Callable[[list[str]], None] | None = None,
-                 enqueue: Callable[[str, str], None] | None = None) -> None:
+                 enqueue: Callable[[str, str], None] | None = None, metrics: WorkerMetrics | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.db = db
@@ -44,6 +45,7 @@ class JobRunner:
         self.worker_id = worker_id
         self.on_busy = on_busy or (lambda _ids: None)
         self.enqueue = enqueue or (lambda _job_id, _queue: None)
+        self.metrics = metrics or WorkerMetrics()
         self.jobs_done = 0
         self._publishers: dict[str, JobPublisher] = {}
         self._buffer = EventBuffer(bus)
@@ -66,6 +68,7 @@ class JobRunner:
         except Exception as exc:
             held = sorted(self._active)
             kind = classify(exc)
+            self.metrics.fault(kind)
             if kind == "job":
                 log.exception("generation failed for %s", ", ".join(held) or job_id)
                 for held_id in held:
@@ -90,6 +93,8 @@ class JobRunner:
             return own.status if own is not None else None
         lease = _LeaseKeeper(self.db, self.worker_id, self.settings.job_lease_s, _job_ids(requests))
         lease.start()
+        steps = self.metrics.decode_steps()
+        steps.admitted(len(requests))
         next_admit = [time.monotonic() + self.settings.admit_interval_s]
 
         def admit(running: int) -> list[GenerationRequest]:
@@ -101,6 +106,7 @@ class JobRunner:
             with self.db() as db:
                 fresh = self._requests(db, self._claim_more(db, running, self.settings.admit_batch_rows), engine)
             if fresh:
+                steps.admitted(len(fresh))
                 lease.add(_job_ids(fresh))
                 self.on_busy(lease.ids())
             return fresh
@@ -111,10 +117,11 @@ class JobRunner:
                 requests,
                 on_delta=self._delta,
                 on_finish=lambda result: self._finish(result, lease),
-                check_cancelled=lambda rids: self._cancelled(rids, lease),
+                check_cancelled=lambda rids: self._cancelled(rids, lease, steps),
                 admit=admit,
             )
         finally:
+            steps.close()
             lease.stop()
             self.on_busy([])
         self._buffer.flush()
@@ -191,17 +198,22 @@ class JobRunner:
         job_id, index = split_row_id(request_id)
         self._publishers[job_id].token(text, index, logprobs)
 
-    def _cancelled(self, request_ids: list[str], lease: _LeaseKeeper) -> set[str]:
+    def _cancelled(self, request_ids: list[str], lease: _LeaseKeeper, steps: DecodeSteps) -> set[str]:
         """Once per step: send the step's tokens, read the jobs' cancel flags (one round trip), map them to rows."""
         job_ids = sorted({split_row_id(rid)[0] for rid in request_ids})
         stopped = self._buffer.flush(job_ids) | (lease.lost & set(job_ids))
-        return {rid for rid in request_ids if split_row_id(rid)[0] in stopped}
+        rows = {rid for rid in request_ids if split_row_id(rid)[0] in stopped}
+        steps.tick(request_ids, rows)  # after the flush: when the step's tokens reach the streams
+        return rows
 
     def _finish(self, result: GenerationResult, lease: _LeaseKeeper) -> None:
         """Store a job's outcome as soon as its last choice is done, while the others keep generating."""
         job_id, index = split_row_id(result.request_id)
         choices = self._choices.get(job_id)
-        if choices is None or not choices.add(index, result):
+        if choices is None:  # no longer this runner's (handed back, or failed meanwhile)
+            return
+        self.metrics.row_finished(result)
+        if not choices.add(index, result):
             return
         del self._choices[job_id]
         lease.remove(job_id)
@@ -217,6 +229,7 @@ class JobRunner:
                 return None
         self._forget(job_id)
         self.jobs_done += 1
+        self.metrics.job_finished(outcome.status)
         try:
             publisher = publisher or JobPublisher(self.bus, job_id)
             if outcome.status == "failed":

@@ -22,7 +22,8 @@ from common.models import Job
 from common.queue import EXIT_DEVICE_FAULT, enqueue, queue_depths
 from common.schemas import DoneEvent, ErrorEvent, WorkerStatus
 from worker.engine import Engine
-from worker.faults import device_fault, infrastructure_fault
+from worker.faults import classify, device_fault, infrastructure_fault
+from worker.metrics import make_metrics
 from worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,9 @@ class WorkerService:
         self.status = WorkerStatus(worker_id=self.worker_id, hostname=socket.gethostname(), pid=os.getpid(),
                                    state="loading", model=settings.model, started_at=time.time(),
                                    last_heartbeat=time.time())
+        self.metrics = make_metrics(settings, self.worker_id)
         self.runner = JobRunner(settings, lambda: self.engine, self.db, self.bus, self.worker_id, self._set_busy,
-                                enqueue=lambda job_id, queue: enqueue(celery, job_id, queue))
+                                enqueue=lambda job_id, queue: enqueue(celery, job_id, queue), metrics=self.metrics)
         self.exit: Callable[[int], None] = os._exit  # a test replaces it; a real worker must not linger
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -59,6 +61,7 @@ class WorkerService:
         A failed load is retried with backoff and reported in the heartbeat meanwhile; the worker never
         consumes a job without a model (it would only fail jobs that a healthy worker could run).
         """
+        self.metrics.serve()  # before the load: a worker stuck loading shows vlgate_worker_model_loaded 0
         self._monitor.start()
         self.beat()
         from worker.loader import load_engine
@@ -78,6 +81,7 @@ class WorkerService:
         self._reclaim_own_jobs()
         self.engine = engine
         info = engine.info
+        self.metrics.model_loaded(info)
         self._update(state="idle", loaded=True, error=None, model_label=info.label, is_demo=info.is_demo,
                      device=info.device, fallback_reason=info.fallback_reason,
                      device_fallback_reason=info.device_fallback_reason, gpu_name=_gpu_name(info.device))
@@ -97,8 +101,9 @@ class WorkerService:
             log.warning("could not re-queue the previous process's jobs", exc_info=True)
 
     def stop(self) -> None:
-        """Stop the background thread and remove this worker from the health report."""
+        """Stop the background thread and /metrics, and remove this worker from the health report."""
         self._stop.set()
+        self.metrics.close()
         try:
             self.bus.forget_worker(self.worker_id)
         except redis.RedisError:
@@ -172,6 +177,7 @@ class WorkerService:
         with self._lock:
             self.status.jobs_done = self.runner.jobs_done
             self.status.memory_used_mb, self.status.memory_total_mb = _gpu_memory(self.status.device)
+            self.metrics.device_memory(self.status.device, self.status.memory_used_mb, self.status.memory_total_mb)
             try:
                 self.bus.beat(self.status, self.settings.heartbeat_s * 3, alive_ttl_s=self.settings.liveness_ttl_s)
             except redis.RedisError as exc:
@@ -206,7 +212,8 @@ class WorkerService:
             if now >= next_reap and self.engine is not None:
                 try:
                     self.reap()
-                except Exception:  # noqa: BLE001 - the next pass tries again
+                except Exception as exc:  # noqa: BLE001 - the next pass tries again
+                    self.metrics.fault(classify(exc))
                     log.warning("reaper pass failed", exc_info=True)
                 next_reap = now + self.settings.reaper_interval_s
 
@@ -216,6 +223,7 @@ class WorkerService:
             return jobs.Reaped()
         with self.db() as db:
             found = jobs.reap(db, self.settings.max_attempts, self.settings.stale_queued_s, self._dead_workers(db))
+            self.metrics.reaped(len(found.requeue), len(found.failed))
             depths = queue_depths(self.celery) if found.stale_queued else {}
             lost = [(j, q) for j, q in found.stale_queued if depths.get(q, 0) == 0]
             for job_id, queue in found.requeue + lost:
