@@ -31,8 +31,9 @@ from worker.engine import Engine, GenerationRequest
 class Stack(service.Stack):
     """bench.service's private stack (production lease/reaper timings) with the scheduler's batch sizes set."""
 
-    def __init__(self, data_dir: Path, tmp: Path, database: str, max_batch: int, chat_reserve: int) -> None:
-        super().__init__(data_dir, tmp, database)
+    def __init__(self, data_dir: Path, tmp: Path, database: str, max_batch: int, chat_reserve: int,
+                 metrics: bool = True) -> None:
+        super().__init__(data_dir, tmp, database, metrics)
         for process in self.services[1:]:  # web and worker; redis keeps its own environment
             process.env.update(VLGATE_MAX_BATCH=str(max_batch), VLGATE_CHAT_RESERVE=str(chat_reserve))
 
@@ -201,6 +202,27 @@ def run_benchmark(engine: Engine, data_dir: Path, jobs: int, tokens: int, batch_
             "competition": competition}
 
 
+def run_metrics_compare(data_dir: Path, rounds: int, jobs: int, tokens: int, max_batch: int, chat_reserve: int,
+                        database: str = "sqlite") -> service.MetricsCost:
+    """Measure batched throughput on a stack with worker metrics on and one with them off, alternating rounds."""
+    items = [item(r, tokens) for r in engine_bench.make_requests(jobs, tokens, "job")]
+    cost = service.MetricsCost(f"throughput of {jobs} jobs submitted at once as one POST /api/batches, {tokens} "
+                               f"tokens each greedy, MAX_BATCH={max_batch}, one run per side per round",
+                               "generated tokens/s", higher_is_better=True)
+
+    def make(tmp: Path, metrics: bool) -> Stack:
+        return Stack(data_dir, tmp, database, max_batch, chat_reserve, metrics)
+
+    with service.two_stacks(make) as stacks, requests.Session() as http:
+        def measure(stack: service.Stack) -> list[float]:
+            return [through_service(http, stack, items, tokens, "").tokens_per_s]
+
+        def warmup(stack: service.Stack) -> None:
+            through_service(http, stack, items[:max_batch], tokens, "warmup")
+
+        return service.compare_metrics(stacks, measure, warmup, rounds, cost)
+
+
 def print_report(result: dict, tokens: int, batch_items: int, batch_tokens: int, chat_tokens: int,
                  gap_s: float) -> None:
     """Print the header and the two tables."""
@@ -254,8 +276,12 @@ def print_report(result: dict, tokens: int, batch_items: int, batch_tokens: int,
 @click.option("--gap", "gap_s", type=float, default=0.3, show_default=True, help="Seconds between chat turns.")
 @click.option("--database", type=click.Choice(["sqlite", "postgres"]), default="sqlite", show_default=True)
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Data dir with the demo checkpoint.")
+@click.option("--metrics-compare", is_flag=True, help="Instead: batched throughput with worker metrics on vs off, "
+              "as a ratio (two stacks, rounds alternating; --jobs x --tokens per side per round).")
+@click.option("--rounds", type=int, default=8, show_default=True, help="Rounds of --metrics-compare.")
 def main(jobs: int, tokens: int, repeats: int, max_batch: int, chat_reserve: int, serial: bool, batch_items: int,
-         batch_tokens: int, turns: int, chat_tokens: int, gap_s: float, database: str, data_dir: Path | None) -> None:
+         batch_tokens: int, turns: int, chat_tokens: int, gap_s: float, database: str, data_dir: Path | None,
+         metrics_compare: bool, rounds: int) -> None:
     """Print service throughput with continuous batching versus one at a time, and chat TTFT under a batch."""
     from transformers.utils import logging as hf_logging
 
@@ -265,6 +291,10 @@ def main(jobs: int, tokens: int, repeats: int, max_batch: int, chat_reserve: int
     hf_logging.disable_progress_bar()
     settings = Settings(model="demo", device="cpu", hf_offline=True, **({"data_dir": data_dir} if data_dir else {}))
     engine = load_engine(settings)  # builds the demo checkpoint first, so the worker finds it ready
+    if metrics_compare:
+        service.print_metrics_cost(run_metrics_compare(settings.data_dir, rounds, jobs, tokens, max_batch,
+                                                       chat_reserve, database))
+        return
     result = run_benchmark(engine, settings.data_dir, jobs, tokens, batch_items, batch_tokens, turns, chat_tokens,
                            gap_s, max_batch, chat_reserve, repeats, serial, database)
     print_report(result, tokens, batch_items, batch_tokens, chat_tokens, gap_s)

@@ -3,11 +3,14 @@
 # Redis on 127.0.0.1:6379 and Postgres on 127.0.0.1:5432 with a database "test" that user postgres
 # reaches without a password. Idempotent; when both already answer it only checks (well under 1 s).
 # REDIS_PORT, PG_PORT and PG_DATABASE override the defaults (used to try the script on the side).
+# It also installs promtool (Debian's prometheus package) for tests/test_promtool.py, unless PROMTOOL=skip;
+# that install is best effort: without it the test skips and says why.
 set -euo pipefail
 
 REDIS_PORT="${REDIS_PORT:-6379}"
 PG_PORT="${PG_PORT:-5432}"
 PG_DATABASE="${PG_DATABASE:-test}"
+PROMTOOL="${PROMTOOL:-install}"
 SUDO=""
 if [[ $EUID -ne 0 ]] && command -v sudo >/dev/null; then SUDO="sudo -n"; fi
 apt_updated=""
@@ -111,5 +114,22 @@ ensure_postgres() {
   say "postgres answers on 127.0.0.1:$PG_PORT (database $PG_DATABASE)"
 }
 
+# promtool lints the /metrics expositions. Measured on Debian 12 (2 cores): 10-13 s (apt-get update included),
+# 19 MB downloaded, 96 MB installed, beside a suite of ~10 minutes; then a check only. The package's
+# Prometheus server is not wanted running: where the package started it (systemd hosts), it is stopped.
+ensure_promtool() {
+  if command -v promtool >/dev/null; then say "promtool present"; return; fi
+  if [[ "$PROMTOOL" == skip ]]; then say "PROMTOOL=skip: tests/test_promtool.py will skip"; return; fi
+  if ! (apt_install prometheus); then
+    say "could not install prometheus (promtool): tests/test_promtool.py will skip"
+    return
+  fi
+  if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
+    $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
+  say "promtool installed: $(promtool --version 2>&1 | head -n 1)"
+}
+
 ensure_redis
 ensure_postgres
+ensure_promtool

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.service import PHASES, print_report, run_benchmark
+from bench.service import PHASES, Stack, print_metrics_cost, print_report, run_benchmark, run_metrics_compare
 
 pytestmark = pytest.mark.slow
 
@@ -23,3 +23,29 @@ def test_run_benchmark_measures_both_paths_and_acceptance(engine, data_dir, caps
     print_report(header, latency, acceptance, tokens=4)
     out = capsys.readouterr().out
     assert "overhead: e2e - in process" in out and "jobs/s" in out
+
+
+def test_metrics_off_stack_gives_its_worker_port_0_and_the_on_stack_a_port(data_dir, tmp_path):
+    for name in ("on", "off"):
+        (tmp_path / name).mkdir()
+    stacks = [Stack(data_dir, tmp_path / name, "sqlite", metrics) for name, metrics in (("on", True), ("off", False))]
+    try:
+        on, off = (stack.services[2].env["VLGATE_METRICS_PORT"] for stack in stacks)
+        assert off == "0" and int(on) == stacks[0].metrics_port > 0 and stacks[1].metrics_port is None
+    finally:
+        for stack in stacks:
+            stack.stop()
+
+
+def test_metrics_compare_alternates_rounds_and_only_the_on_side_records(engine, data_dir, capsys):
+    cost = run_metrics_compare(data_dir, rounds=2, count=2, warmup=1, tokens=4)
+    assert [len(r) for r in cost.on] == [len(r) for r in cost.off] == [2, 2]
+    assert all(ms > 0 for ms in sum(cost.on + cost.off, []))
+    # Every chat of the on side was counted by its worker, before and after the crossover: 2 x (1 warmup + 2) chats
+    # x 4 tokens.
+    assert cost.tokens_counted == 24 and cost.port
+    low, high = cost.interval()
+    assert low <= high and len(cost.round_ratios) == 2
+    print_metrics_cost(cost)
+    out = capsys.readouterr().out
+    assert f"ratio on/off = {cost.ratio:.3f}" in out and "over 2 rounds" in out
