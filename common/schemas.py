@@ -10,10 +10,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
+    StrictBool,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from common.jobspec import SamplingSpec, StopSpec
 
@@ -33,6 +37,29 @@ def _no_bool(value: Any) -> Any:
 Count = Annotated[int, BeforeValidator(_no_bool)]
 Number = Annotated[float, BeforeValidator(_no_bool)]
 GREEDY_BELOW = 1e-5  # a temperature under this samples like 0 (as vLLM does): dividing by it overflows
+# A prompt needs one character that ``str.strip`` keeps. Spelled out: JSON Schema's ``\S`` (ECMA-262) differs from
+# Python's whitespace (U+001C-U+001F, U+0085, U+FEFF). Documented only: the validator says "must not be empty".
+NOT_BLANK = "[^\t-\r\x1c- \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+SERVER_LIMIT = "x-server-limit"  # in a field's JSON Schema: {keyword: Settings field}; web/openapi.py fills them in
+
+
+def server_limit(**keywords: str) -> dict[str, Any]:
+    """Say which server settings bound a field (JSON Schema keyword -> ``Settings`` field), for the API document.
+
+    The validators read the same settings from the validation context; the document states their values.
+    """
+    return {SERVER_LIMIT: keywords}
+
+
+class DocumentedAs:
+    """Describe a value in the JSON Schema as ``model`` (inline) while validating it loosely: it is validated as
+    one later, with the server's limits in the context."""
+
+    def __init__(self, model: type[BaseModel]) -> None:
+        self.model = model
+
+    def __get_pydantic_json_schema__(self, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return handler(self.model.__pydantic_core_schema__)
 
 
 class Strict(BaseModel):
@@ -49,13 +76,16 @@ class JsonSchemaFormat(BaseModel):
     name: str = Field("response", pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class ResponseFormat(BaseModel):
     """The shape the answer must have: free text, any JSON object, or JSON that follows a schema."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "if": {"required": ["type"], "properties": {"type": {"const": "json_schema"}}},
+        "then": {"required": ["json_schema"], "properties": {"json_schema": {"type": "object"}}},
+    })
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
@@ -83,15 +113,22 @@ class GenerationParams(Strict):
 
     temperature: Number | None = Field(None, ge=0.0, le=2.0, description="0 = greedy (so is anything under "
                                                                           "1e-5). Default 0.5.")
-    max_tokens: Count | None = Field(None, ge=1, description="1 to VLGATE_MAX_TOKENS_LIMIT (2048). Default 512.")
+    max_tokens: Count | None = Field(None, ge=1, description="1 to VLGATE_MAX_TOKENS_LIMIT (2048). Default 512.",
+                                     json_schema_extra=server_limit(maximum="max_tokens_limit"))
     top_p: Number = Field(1.0, gt=0.0, le=1.0)
     top_k: Count = Field(0, ge=0, le=1000, description="0 = off.")
     repetition_penalty: Number = Field(1.0, ge=0.01, le=2.0)
     presence_penalty: Number = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: lowers tokens already generated.")
     frequency_penalty: Number = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: lowers tokens by their count.")
     seed: Count | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(None, max_length=4)
-    min_tokens: Count = Field(0, ge=0, description="Suppress end-of-sequence before this many tokens (as in vLLM).")
+    stop: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        None, max_length=4, description="Up to 4 strings; one string is a list of one.", json_schema_extra={"anyOf": [
+            {"type": "string", "minLength": 1, "maxLength": 64},
+            {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 64}, "maxItems": 4},
+            {"type": "null"}]})
+    min_tokens: Count = Field(0, ge=0, description="Suppress end-of-sequence before this many tokens (as in vLLM); "
+                                                   "not more than max_tokens.",
+                              json_schema_extra=server_limit(maximum="max_tokens_limit"))
     response_format: ResponseFormat | None = Field(
         None, description="`{\"type\": \"json_object\"}` or `{\"type\": \"json_schema\", \"json_schema\": "
                           "{\"name\", \"schema\"}}`: the answer is constrained to JSON (that follows the schema).")
@@ -143,11 +180,14 @@ class GenerationParams(Strict):
 class ChatRequest(GenerationParams):
     """A user turn: a prompt, optional images (base64), and the session it continues."""
 
-    prompt: str = Field(..., description="The question. Required, not blank.")
+    prompt: str = Field(..., description="The question. Required, not blank.",
+                        json_schema_extra={"pattern": NOT_BLANK, **server_limit(maxLength="max_prompt_chars")})
     image: str | None = Field(None, description="One image, standard base64 (a data: URL prefix is accepted).")
-    images: list[str] | None = Field(None, description="Several images, same encoding.")
+    images: list[str] | None = Field(None, description="Several images, same encoding; with `image`, at most "
+                                                       "VLGATE_MAX_IMAGES_PER_REQUEST in all.",
+                                     json_schema_extra=server_limit(maxItems="max_images_per_request"))
     session_id: str | None = Field(None, pattern=r"^sess_[0-9a-f]{24}$")
-    wait: float | None = Field(None, ge=0, le=MAX_WAIT_S, description="Seconds to wait for the answer before a 202.")
+    wait: Number | None = Field(None, ge=0, le=MAX_WAIT_S, description="Seconds to wait for the answer before a 202.")
 
     @field_validator("prompt")
     @classmethod
@@ -205,9 +245,12 @@ class Links(BaseModel):
 class BatchItemCreate(GenerationParams):
     """One item of a JSON batch: an image (or several) and a prompt, with its own parameters."""
 
-    prompt: str = Field(..., description="The question for this item.")
-    image: str | None = None
-    images: list[str] | None = None
+    prompt: str = Field(..., description="The question for this item. Required, not blank.",
+                        json_schema_extra={"pattern": NOT_BLANK, **server_limit(maxLength="max_prompt_chars")})
+    image: str | None = Field(None, description="One image, standard base64 (a data: URL prefix is accepted).")
+    images: list[str] | None = Field(None, description="Several images, same encoding; with `image`, at most "
+                                                       "VLGATE_MAX_IMAGES_PER_REQUEST in all.",
+                                     json_schema_extra=server_limit(maxItems="max_images_per_request"))
     name: str | None = Field(None, max_length=255, description="A label echoed in the results (e.g. a file name).")
 
     _prompt_not_blank = field_validator("prompt")(ChatRequest._prompt_not_blank.__func__)  # type: ignore[attr-defined]
@@ -220,8 +263,10 @@ class BatchItemCreate(GenerationParams):
 class BatchCreate(Strict):
     """``POST /api/batches`` as JSON: the items, and how long to wait (like ``/api/chat``)."""
 
-    items: list[dict[str, Any]] = Field(..., min_length=1, description="BatchItemCreate objects, in order.")
-    wait: float | None = Field(None, ge=0, le=MAX_WAIT_S)
+    # Each item is validated on its own (with the server's limits) so one error names every bad item.
+    items: list[Annotated[dict[str, Any], DocumentedAs(BatchItemCreate)]] = Field(
+        ..., min_length=1, description="BatchItemCreate objects, in order.")
+    wait: Number | None = Field(None, ge=0, le=MAX_WAIT_S, description="Seconds to wait for every item before a 202.")
 
 
 class BatchCounts(BaseModel):

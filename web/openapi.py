@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -10,9 +11,11 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
+from common.config import Settings
 from common.errors import ERROR_STATUS
 from common.schemas import (
     MAX_WAIT_S,
+    SERVER_LIMIT,
     BatchCreate,
     BatchItemCreate,
     BatchPublic,
@@ -28,6 +31,7 @@ from common.schemas import (
 )
 from web.openai.protocol import (
     ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ModelCard,
     ModelList,
@@ -56,6 +60,7 @@ class Operation:
     body: Callable[[Ref], dict[str, Any]] | None = None  # a request body other than one JSON model
     body_models: tuple[type[BaseModel], ...] = ()  # the models ``body`` refers to
     text_media: tuple[str, ...] = ()  # other media types the 200 answer can have (``?format=``)
+    stream_models: tuple[type[BaseModel], ...] = ()  # a 200 ``text/event-stream``: what each event's data holds
     location: str = "The job's URL."
     error_model: type[BaseModel] = ErrorResponse  # /v1 answers errors in OpenAI's shape
 
@@ -79,17 +84,31 @@ def _json_batch(ref: Ref) -> dict[str, Any]:
     return {"application/json": {"schema": {"oneOf": [ref(BatchCreate), items]}}}
 
 
+def _form_field(schema: dict[str, Any]) -> dict[str, Any]:
+    """Describe a parameter as a form field: text, never null (an absent or empty field means the default)."""
+    field = {key: value for key, value in schema.items() if key not in ("anyOf", "default")}
+    alternatives = [option for option in schema.get("anyOf", []) if option.get("type") != "null"]
+    if len(alternatives) == 1:
+        field.update(alternatives[0])
+    elif alternatives:
+        field["anyOf"] = alternatives
+    return field
+
+
 def _batch_body(ref: Ref) -> dict[str, Any]:
     """A JSON batch, or a bulk upload: the text fields first, then any number of image files."""
     fields = BatchItemCreate.model_json_schema()["properties"]
-    properties = {name: fields[name] for name in FORM_FIELDS}
-    properties["response_format"] = {"type": "string", "description": "A response_format as JSON text."}
+    properties = {name: _form_field(fields[name]) for name in FORM_FIELDS}
+    # JSON Schema's way to say "this text is JSON of that shape" (an annotation: generators send any text).
+    properties["response_format"] = {"type": "string", "contentMediaType": "application/json",
+                                     "contentSchema": {"$ref": REF_TEMPLATE.format(model="ResponseFormat")},
+                                     "description": "A response_format as JSON text."}
     properties["stop"] = {"type": "array", "items": {"type": "string", "maxLength": 64}, "maxItems": 4,
                           "description": "Repeat the field for several stop strings."}
-    properties["files"] = {"type": "array", "items": {"type": "string", "format": "binary"},
+    properties["files"] = {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
                            "description": "One image per part, in item order; the item name is the file name."}
     upload = {"type": "object", "required": ["prompt", "files"], "properties": properties,
-              "description": "Send every text field before the first file."}
+              "additionalProperties": False, "description": "Send every text field before the first file."}
     return {**_json_batch(ref), "multipart/form-data": {"schema": upload}}
 
 
@@ -146,7 +165,8 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("post", "/v1/chat/completions", "Chat completion with images (OpenAI-compatible; `stream` for SSE)",
               {200: (ChatCompletion, "The answer; with `stream: true`, Server-Sent Events of "
                                      "`chat.completion.chunk` ending with `data: [DONE]`.")},
-              request=ChatCompletionRequest, text_media=("text/event-stream",), error_model=OpenAIErrorResponse,
+              request=ChatCompletionRequest, stream_models=(ChatCompletionChunk, OpenAIErrorResponse),
+              error_model=OpenAIErrorResponse,
               errors=("invalid_json", "invalid_request", "invalid_image", "invalid_image_url", "image_url_timeout",
                       "image_too_large", "payload_too_large", "unsupported_media_type", "model_not_found",
                       "model_not_loaded", "service_unavailable", "generation_failed", "context_length_exceeded",
@@ -160,10 +180,27 @@ def _schemas() -> tuple[dict[tuple[type[BaseModel], JsonSchemaMode], dict[str, A
     inputs |= {model for op in OPERATIONS for model in op.body_models}
     outputs = {model for op in OPERATIONS for model, _ in op.responses.values() if isinstance(model, type)}
     outputs |= {op.error_model for op in OPERATIONS}
+    outputs |= {model for op in OPERATIONS for model in op.stream_models}
     pairs: list[tuple[type[BaseModel], JsonSchemaMode]] = [(m, "validation") for m in sorted(inputs, key=str)]
     pairs += [(m, "serialization") for m in sorted(outputs, key=str)]
     refs, top = models_json_schema(pairs, ref_template=REF_TEMPLATE)
     return refs, top.get("$defs", {})
+
+
+def _sse_event(data: list[dict[str, Any]]) -> dict[str, Any]:
+    """One Server-Sent Event of a stream (how Schemathesis, and OpenAPI 3.2's ``itemSchema``, read the schema of a
+    ``text/event-stream``): its ``data`` is the JSON of one of ``data``'s schemas, or ``[DONE]`` last."""
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {"type": "string", "if": {"const": "[DONE]"},
+                     "else": {"contentMediaType": "application/json", "contentSchema": {"anyOf": data}}},
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer"},
+        },
+    }
 
 
 def _content(ref: dict[str, Any]) -> dict[str, Any]:
@@ -183,6 +220,9 @@ def _operation(op: Operation, refs: dict[tuple[type[BaseModel], JsonSchemaMode],
         if status == 200:
             for media in op.text_media:
                 answer["content"][media] = {"schema": {"type": "string"}}
+            if op.stream_models:
+                events = [refs[(event, "serialization")] for event in op.stream_models]
+                answer["content"]["text/event-stream"] = {"schema": _sse_event(events)}
         if status == 202:
             answer["headers"] = {"Location": {"description": op.location, "schema": {"type": "string"}}}
         responses[str(status)] = answer
@@ -214,22 +254,63 @@ def _operation(op: Operation, refs: dict[tuple[type[BaseModel], JsonSchemaMode],
     return spec
 
 
+# Pydantic writes a bound it cannot attach to the number type itself (``Count | None`` with ``ge=1``: the
+# type's before-validator is in the way) under its own name, which JSON Schema ignores: the document said
+# nothing of the bound. These are the JSON Schema names.
+PYDANTIC_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+
+
+def _objects(node: Any) -> Iterator[dict[str, Any]]:
+    """Yield every JSON object of a document, each before what it contains (so it may be edited in place)."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _objects(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _objects(value)
+
+
 @lru_cache(maxsize=1)
-def openapi_document() -> dict[str, Any]:
-    """Return the OpenAPI 3.1 document of the JSON API."""
+def _generated() -> dict[str, Any]:
+    """Build the document once; fields bounded by a server setting still carry their ``SERVER_LIMIT`` marker."""
     refs, components = _schemas()
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
         paths.setdefault(op.path, {})[op.method] = _operation(op, refs)
-    return {
+    document = {
         "openapi": "3.1.0",
         "info": {
             "title": "vlgate",
             "version": API_VERSION,
             "description": "Private gateway for Qwen3-VL. Every /api error is {\"error\": {\"code\", \"message\"}}; "
                            "/v1 is OpenAI-compatible and answers errors as {\"error\": {\"message\", \"type\", "
-                           "\"param\", \"code\"}}.",
+                           "\"param\", \"code\"}}. No string may contain NUL (U+0000) or a lone surrogate.",
         },
         "paths": paths,
         "components": {"schemas": components},
     }
+    for schema in _objects(document):
+        if schema.get("type") in ("integer", "number"):
+            schema.update({keyword: schema.pop(name) for name, keyword in PYDANTIC_BOUNDS.items() if name in schema})
+    return document
+
+
+@lru_cache(maxsize=4)
+def _with_limits(limits: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    """Return the document with these server limits written in (one per distinct set of limits)."""
+    document, values = copy.deepcopy(_generated()), dict(limits)
+    for schema in _objects(document):
+        schema.update({keyword: values[setting] for keyword, setting in schema.pop(SERVER_LIMIT, {}).items()})
+    return document
+
+
+def openapi_document(settings: Settings | None = None) -> dict[str, Any]:
+    """Return the OpenAPI 3.1 document of the JSON API, stating this server's limits (the defaults without settings).
+
+    A request the document calls valid is not refused as invalid: limits that are settings (largest
+    ``max_tokens``, prompt length, images per request, ``n``) are written in as they are configured.
+    """
+    defaults = {name: info.default for name, info in Settings.model_fields.items()}
+    values = settings.model_dump() if settings is not None else defaults
+    return _with_limits(tuple(sorted((name, value) for name, value in values.items() if isinstance(value, int))))

@@ -88,8 +88,9 @@ def create_batch() -> Response:
         raise ApiError("unsupported_media_type",
                        f"Send the batch as application/json or multipart/form-data (got {got}).")
     svc = services()
+    query_wait = _query_wait(None)  # checked even when the body's `wait` wins: a bad parameter is an error
     batch = parse_json_batch(_json_items(), svc.settings)
-    wait_s = batch.wait_s if batch.wait_s is not None else _query_wait(None)
+    wait_s = batch.wait_s if batch.wait_s is not None else query_wait
     return _finished_or_accepted(create_json_batch(get_db(), svc, batch), wait_s)
 
 
@@ -97,8 +98,9 @@ def create_batch() -> Response:
 def seed_batch() -> Response:
     """Run a JSON array of items and wait for all of them (seed-compatible); 202 if time runs out."""
     svc = services()
+    query_wait = _query_wait(svc.settings.chat_wait_s)  # checked even when the body's `wait` wins
     batch = parse_json_batch(_json_items(), svc.settings)
-    wait_s = batch.wait_s if batch.wait_s is not None else _query_wait(svc.settings.chat_wait_s)
+    wait_s = batch.wait_s if batch.wait_s is not None else query_wait
     return _finished_or_accepted(create_json_batch(get_db(), svc, batch), wait_s)
 
 

@@ -23,4 +23,4 @@ def health() -> Response:
 @bp.get("/openapi.json")
 def openapi() -> Response:
     """Return the OpenAPI 3.1 document generated from the schemas."""
-    return jsonify(openapi_document())
+    return jsonify(openapi_document(services().settings))

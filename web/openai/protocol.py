@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
 
 from common.jobspec import MAX_TOP_LOGPROBS
-from common.schemas import Count, Number, ResponseFormat, TokenLogprob
+from common.schemas import NOT_BLANK, Count, Number, ResponseFormat, TokenLogprob, server_limit
 
 # Fields that change what a request means and that vlgate does not do yet: refused by name, never ignored.
 UNSUPPORTED_FIELDS = {
@@ -25,13 +25,16 @@ class _Wire(BaseModel):
 
 class TextPart(_Wire):
     type: Literal["text"]
-    text: str
+    text: str = Field(..., description="A message's texts together: at most VLGATE_MAX_PROMPT_CHARS characters.",
+                      json_schema_extra=server_limit(maxLength="max_prompt_chars"))
 
 
 class ImageURL(_Wire):
     url: str = Field(..., min_length=1, description="A data: URL, or http(s) from VLGATE_ALLOWED_MEDIA_DOMAINS.")
     detail: Literal["auto", "low", "high"] = "auto"
-    max_pixels: Count | None = Field(None, gt=0, description="vlgate extension: this image's pixel budget.")
+    max_pixels: Count | None = Field(None, gt=0, description="vlgate extension: this image's pixel budget.",
+                                     json_schema_extra=server_limit(minimum="min_image_pixels",
+                                                                    maximum="max_image_pixels"))
 
 
 class ImagePart(_Wire):
@@ -41,13 +44,34 @@ class ImagePart(_Wire):
 
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 PART_TYPES = ("text", "image_url")
+# What the model needs at least once: a user message with some text or an image (JSON Schema's ``contains``).
+USER_TURN = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"const": "user"},
+        "content": {"anyOf": [
+            {"type": "string", "pattern": NOT_BLANK},
+            {"type": "array", "contains": {"anyOf": [
+                {"type": "object", "required": ["type"], "properties": {"type": {"const": "image_url"}}},
+                {"type": "object", "required": ["type", "text"],
+                 "properties": {"type": {"const": "text"}, "text": {"type": "string", "pattern": NOT_BLANK}}},
+            ]}},
+        ]},
+    },
+}
+# top_logprobs above 0 asks for the alternatives of each token's log-probability: logprobs must be on.
+TOP_LOGPROBS_NEED_LOGPROBS = {
+    "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
+    "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+}
 
 
 class ChatMessage(_Wire):
     """One message: ``content`` is a string or a list of text and image parts."""
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: str | list[ContentPart] | None = Field(None, json_schema_extra=server_limit(maxLength="max_prompt_chars"))
     name: str | None = None
 
     @model_validator(mode="before")
@@ -66,34 +90,43 @@ class ChatMessage(_Wire):
 
 
 class StreamOptions(_Wire):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatCompletionRequest(_Wire):
     """``POST /v1/chat/completions``: OpenAI's fields plus vLLM's ``top_k``, ``min_tokens``, ``repetition_penalty``."""
 
+    model_config = ConfigDict(extra="ignore", json_schema_extra=TOP_LOGPROBS_NEED_LOGPROBS)
+
     model: str = Field(..., min_length=1)
-    messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: Count | None = Field(None, ge=1)
-    max_tokens: Count | None = Field(None, ge=1, description="Deprecated by OpenAI; max_completion_tokens wins.")
+    messages: list[ChatMessage] = Field(..., min_length=1, json_schema_extra={"contains": USER_TURN},
+                                        description="At least one user message with text or an image.")
+    max_completion_tokens: Count | None = Field(None, ge=1, json_schema_extra=server_limit(maximum="max_tokens_limit"))
+    max_tokens: Count | None = Field(None, ge=1, description="Deprecated by OpenAI; max_completion_tokens wins.",
+                                     json_schema_extra=server_limit(maximum="max_tokens_limit"))
     temperature: Number | None = Field(None, ge=0.0, le=2.0)
     top_p: Number | None = Field(None, gt=0.0, le=1.0)
-    n: Count = Field(1, ge=1)
-    stop: str | list[Annotated[str, Field(min_length=1)]] | None = None
+    n: Count = Field(1, ge=1, json_schema_extra=server_limit(maximum="max_choices"))
+    stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(None, json_schema_extra={"anyOf": [
+        {"type": "string"}, {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
+        {"type": "null"}]})
     seed: Count | None = Field(None, ge=0, le=2**63 - 1)
     presence_penalty: Number = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: Number = Field(0.0, ge=-2.0, le=2.0)
-    logprobs: bool = False
-    top_logprobs: Count | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: StrictBool = False  # not 1 or "yes": the document says boolean
+    top_logprobs: Count | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Above 0, logprobs must be true.")
     response_format: ResponseFormat | None = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     top_k: Count | None = Field(None, ge=-1, le=1000, description="vLLM extension; -1 or 0 = off.")
-    min_tokens: Count = Field(0, ge=0, description="vLLM extension.")
+    min_tokens: Count = Field(0, ge=0, description="vLLM extension; not more than the token budget.",
+                              json_schema_extra=server_limit(maximum="max_tokens_limit"))
     repetition_penalty: Number = Field(1.0, ge=0.01, le=2.0, description="vLLM extension.")
-    tool_choice: Any = None
-    modalities: list[str] | None = None
+    tool_choice: Any = Field(None, description="Only `none`: tool calling is not supported.",
+                             json_schema_extra={"enum": ["none", None]})
+    modalities: list[str] | None = Field(None, description="Only `[\"text\"]`.", json_schema_extra={"anyOf": [
+        {"type": "array", "items": {"const": "text"}, "minItems": 1, "maxItems": 1}, {"type": "null"}]})
 
     @model_validator(mode="before")
     @classmethod
