@@ -37,8 +37,10 @@ from schemathesis.specs.openapi.checks import (
 from common import jobs
 from common.config import Settings
 from common.db import make_session_factory
+from common.events import DoneEvent
+from common.params import NOT_BLANK, ResponseFormat
 from common.queue import QUEUES
-from common.schemas import NOT_BLANK, DoneEvent, ResponseFormat, Usage
+from common.schemas import Usage
 from tests import webfixtures
 from tests.webfixtures import b64, heartbeat, png_bytes, services_of
 from web.openapi import openapi_document

@@ -28,8 +28,9 @@ from common import jobs
 from common.bus import TokenBus
 from common.config import Settings
 from common.db import make_session_factory
+from common.events import DoneEvent, ErrorEvent, TokenEvent
 from common.models import ChatSession, Job, Message, MessageImage, StoredImage
-from common.schemas import DoneEvent, ErrorEvent, TokenEvent, WorkerStatus
+from common.schemas import WorkerStatus
 from tests.conftest import fresh_database
 from web import create_app
 from web.extensions import Services

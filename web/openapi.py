@@ -13,9 +13,9 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from common.config import Settings
 from common.errors import ERROR_STATUS
+from common.params import SERVER_LIMIT
 from common.schemas import (
     MAX_WAIT_S,
-    SERVER_LIMIT,
     BatchCreate,
     BatchItemCreate,
     BatchPublic,

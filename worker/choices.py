@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from common import jobs
+from common.events import ChoiceOutcome
 from common.jobspec import JobSpec
-from common.schemas import ChoiceOutcome
 from worker.engine import GenerationRequest, GenerationResult, Turn
 from worker.sampling import SamplingParams
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from common.bus import TokenBus
+from common.events import ChoiceOutcome, DoneEvent, ErrorEvent, ResetEvent, TokenEvent
 from common.jobs import Outcome
-from common.schemas import ChoiceOutcome, DoneEvent, ErrorEvent, ResetEvent, TokenEvent, Usage
+from common.schemas import Usage
 
 
 class EventBuffer:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from common.schemas import GREEDY_BELOW
+from common.params import GREEDY_BELOW
 
 
 @dataclass

@@ -18,9 +18,10 @@ from common import jobs
 from common.bus import TokenBus
 from common.config import Settings
 from common.db import make_engine, make_session_factory
+from common.events import DoneEvent, ErrorEvent
 from common.models import Job
 from common.queue import EXIT_DEVICE_FAULT, enqueue, queue_depths
-from common.schemas import DoneEvent, ErrorEvent, WorkerStatus
+from common.schemas import WorkerStatus
 from worker.engine import Engine
 from worker.faults import classify, device_fault, infrastructure_fault
 from worker.metrics import make_metrics

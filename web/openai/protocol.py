@@ -6,8 +6,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
 
+from common.events import TokenLogprob
 from common.jobspec import MAX_TOP_LOGPROBS
-from common.schemas import NOT_BLANK, Count, Number, ResponseFormat, TokenLogprob, server_limit
+from common.params import NOT_BLANK, Count, Number, ResponseFormat, server_limit
 
 # Fields that change what a request means and that vlgate does not do yet: refused by name, never ignored.
 UNSUPPORTED_FIELDS = {

@@ -10,11 +10,11 @@ from sqlalchemy.orm import Session
 
 from common.config import Settings
 from common.errors import ERROR_STATUS, ApiError
+from common.events import ChoiceOutcome, TokenLogprob
 from common.ids import to_epoch
 from common.images import NormalizedImage, image_from_base64, normalize_image
 from common.jobspec import SamplingSpec, StopSpec
 from common.models import Job
-from common.schemas import ChoiceOutcome, TokenLogprob
 from web.extensions import Services
 from web.openai.media import fetch_image
 from web.openai.protocol import (

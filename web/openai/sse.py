@@ -18,8 +18,8 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from common.errors import ERROR_STATUS, openai_error_body
+from common.events import DoneEvent, ErrorEvent, ResetEvent, StreamEvent, TokenEvent
 from common.models import Job
-from common.schemas import DoneEvent, ErrorEvent, ResetEvent, StreamEvent, TokenEvent
 from web.extensions import Services
 from web.metrics import FOLLOWERS
 from web.openai.protocol import ChatCompletionChunk, ChunkChoice, Delta

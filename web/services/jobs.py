@@ -13,19 +13,10 @@ from sqlalchemy.orm import Session
 from common import jobs
 from common.bus import TokenBus
 from common.errors import ERROR_STATUS, ApiError
+from common.events import FINAL_EVENTS, DoneEvent
 from common.ids import is_id, isoformat
 from common.models import Job
-from common.schemas import (
-    FINAL_EVENTS,
-    FINAL_STATUSES,
-    ChatResponse,
-    DoneEvent,
-    ErrorDetail,
-    JobAccepted,
-    JobPublic,
-    Links,
-    Usage,
-)
+from common.schemas import FINAL_STATUSES, ChatResponse, ErrorDetail, JobAccepted, JobPublic, Links, Usage
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from common import jobs
 from common.bus import TokenBus, job_channel
+from common.events import FINAL_EVENTS, ChoiceOutcome, DoneEvent, ErrorEvent, ResetEvent, TokenEvent
 from common.models import Job
-from common.schemas import FINAL_EVENTS, FINAL_STATUSES, ChoiceOutcome, DoneEvent, ErrorEvent, ResetEvent, TokenEvent
+from common.schemas import FINAL_STATUSES
 from web.services.jobs import timings, usage
 
 # How often a follower that hears nothing checks the database (a job may have ended without an event).

@@ -20,7 +20,8 @@ from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDeco
 from common.config import Settings
 from common.errors import ApiError
 from common.images import IMAGE_TOO_LARGE, ImageError, normalize_image
-from common.schemas import BatchItemCreate, GenerationParams
+from common.params import GenerationParams
+from common.schemas import BatchItemCreate
 from common.text import check_string
 from web.extensions import Services
 from web.services.batches import BatchWriter, PreparedItem
