@@ -24,7 +24,7 @@ from bench import service
 from bench.service import IMAGE_B64, PROMPT, pct, table
 from bench.stream import chat, chat_socket
 from common.config import Settings
-from tests import live
+from devtools import live
 from worker.engine import Engine, GenerationRequest
 
 

@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from common.config import Settings
-from tests import live
-from tests.conftest import fresh_database, make_image
+from devtools import live
+from devtools.databases import fresh_database, make_image
 from worker.engine import Engine, GenerationRequest, Turn
 from worker.sampling import SamplingParams
 

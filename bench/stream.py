@@ -25,7 +25,7 @@ from bench import service
 from bench.service import IMAGE_B64, PROMPT, pct, table
 from common.bus import job_channel
 from common.config import Settings
-from tests import live
+from devtools import live
 from worker.demo import ensure_demo_checkpoint
 
 # One chat turn, cut by the client's clock, the reference listener's and the job's timings (epoch, same host).

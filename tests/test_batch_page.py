@@ -20,9 +20,9 @@ import requests
 from sqlalchemy import select, update
 
 from common.models import Job
-from tests import live
-from tests.conftest import make_image
-from tests.live import Stack
+from devtools import live
+from devtools.databases import make_image
+from devtools.live import Stack
 from tests.webfixtures import DEAD_REDIS_URL, make_settings
 from web import create_app
 
@@ -42,7 +42,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[
 
 @pytest.fixture(scope="module")
 def browser():  # type: ignore[no-untyped-def]
-    """Debian's Chromium under Playwright (tests/live.py)."""
+    """Debian's Chromium under Playwright (devtools/live.py)."""
     with live.chromium() as chromium:
         yield chromium
 

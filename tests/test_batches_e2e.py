@@ -12,8 +12,8 @@ import pytest
 import requests
 from PIL import Image
 
-from tests import live
-from tests.conftest import make_image
+from devtools import live
+from devtools.databases import make_image
 
 pytestmark = pytest.mark.slow
 

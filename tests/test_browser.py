@@ -21,9 +21,9 @@ from sqlalchemy.orm import Session
 
 from common.ids import new_id, utcnow
 from common.models import ChatSession, Message
-from tests import live
-from tests.conftest import make_image
-from tests.live import Stack
+from devtools import live
+from devtools.databases import make_image
+from devtools.live import Stack
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """Debian's Chromium under Playwright (tests/live.py)."""
+    """Debian's Chromium under Playwright (devtools/live.py)."""
     with live.chromium() as chromium:
         yield chromium
 

@@ -17,9 +17,9 @@ from sqlalchemy import select
 from werkzeug.formparser import parse_form_data
 
 from common.models import Batch, Job
-from tests import live
-from tests.conftest import make_image
-from tests.live import Stack
+from devtools import live
+from devtools.databases import make_image
+from devtools.live import Stack
 from vlgate_cli.cli import main
 from vlgate_cli.multipart import FilePart, MultipartBody
 

@@ -21,9 +21,9 @@ import requests
 from sqlalchemy import create_engine, func, select, text
 
 from common.models import Batch, Job, Message
-from tests import live
-from tests.conftest import make_image
-from tests.live import Stack
+from devtools import live
+from devtools.databases import make_image
+from devtools.live import Stack
 from web.services.batches import FLUSH_ITEMS
 
 pytestmark = pytest.mark.slow

@@ -16,9 +16,9 @@ import openai
 import pytest
 import requests
 
-from tests import live
-from tests.conftest import make_image
-from tests.live import Stack
+from devtools import live
+from devtools.databases import make_image
+from devtools.live import Stack
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests import live
-from tests.conftest import fresh_database, make_image
+from devtools import live
+from devtools.databases import fresh_database, make_image
 
 PROMTOOL = shutil.which("promtool")
 pytestmark = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed; scripts/ensure_services.sh "

@@ -27,8 +27,8 @@ import redis
 from pydantic import ValidationError
 
 from common.config import Settings
+from devtools.databases import make_image
 from scripts.supervise import Program, Supervisor, describe_workers, gpu_ids, plan_workers, visible_gpus
-from tests.conftest import make_image
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 60.0

@@ -12,9 +12,9 @@ import requests
 from sqlalchemy import func, select
 
 from common.models import Job, Message
-from tests import live
-from tests.conftest import make_image
-from tests.live import Stack
+from devtools import live
+from devtools.databases import make_image
+from devtools.live import Stack
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import requests
 from simple_websocket import Client, ConnectionClosed
 
 from common.bus import job_channel
-from tests import live
+from devtools import live
 from tests.test_service_e2e import b64_image
 
 pytestmark = pytest.mark.slow

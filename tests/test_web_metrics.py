@@ -10,8 +10,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests import live, webfixtures
-from tests.conftest import fresh_database
+from devtools import live
+from devtools.databases import fresh_database
+from tests import webfixtures
 from tests.webfixtures import b64, heartbeat, png_bytes, queue_length
 
 db_url, app, client = webfixtures.db_url, webfixtures.app, webfixtures.client

@@ -20,8 +20,9 @@ from common.config import Settings
 from common.jobspec import JobSpec, SamplingSpec, StopSpec, TurnSpec
 from common.models import Job
 from common.queue import make_celery
-from tests.conftest import migrate, store_queued_job
-from tests.live import free_port
+from devtools.databases import migrate
+from devtools.live import free_port
+from tests.conftest import store_queued_job
 from worker.engine import Engine, GenerationResult, ModelInfo
 from worker.metrics import PrometheusMetrics, WorkerMetrics
 from worker.service import WorkerService

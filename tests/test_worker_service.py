@@ -40,7 +40,7 @@ class _FailingEngine:
 
 
 def _service(tmp_path: Path, engine: _FailingEngine) -> WorkerService:
-    from tests.conftest import migrate
+    from devtools.databases import migrate
 
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     migrate(url)

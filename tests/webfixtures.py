@@ -31,7 +31,7 @@ from common.db import make_session_factory
 from common.events import DoneEvent, ErrorEvent, TokenEvent
 from common.models import ChatSession, Job, Message, MessageImage, StoredImage
 from common.schemas import WorkerStatus
-from tests.conftest import fresh_database
+from devtools.databases import fresh_database
 from web import create_app
 from web.extensions import Services
 

@@ -206,7 +206,7 @@ def running_stack(kind: str, tmp: Path, data_dir: Path, worker_name: str, **env:
 
     ``env`` adds ``VLGATE_*`` settings for every process of the stack.
     """
-    from tests.conftest import fresh_database
+    from devtools.databases import fresh_database
 
     databases = fresh_database(kind, tmp)
     deployment = Stack(next(databases), data_dir, tmp, **env)
