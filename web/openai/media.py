@@ -19,7 +19,6 @@ import http.client
 import io
 import ipaddress
 import logging
-import re
 import socket
 import ssl
 import time
@@ -32,14 +31,20 @@ from urllib.parse import quote, urljoin, urlsplit
 from common.config import Settings
 from common.errors import ApiError
 from common.images import IMAGE_TOO_LARGE
+from web.openai.media_policy import (
+    IPAddress,
+    IPNetwork,
+    parse_networks,
+    address_allowed,
+    host_allowed,
+    normalize_host,
+)
 
 log = logging.getLogger(__name__)
 
 INVALID_IMAGE_URL = "invalid_image_url"
 IMAGE_URL_TIMEOUT = "image_url_timeout"
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -49,106 +54,11 @@ DISABLED_MESSAGE = (
     "hosts images may be fetched from. Send the image inline as a base64 data: URL instead."
 )
 
-# The well-known NAT64 prefix (RFC 6052) carries an IPv4 address in its last 32 bits.
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
-# A last label that is a number is an IPv4 address to a URL parser (WHATWG) and to inet_aton
-# ("0x7f000001", "2130706433"): such hosts must be written as a.b.c.d, so they are checked as IPs.
-_NUMERIC_LABEL = re.compile(r"0x[0-9a-f]*|[0-9]+")
 # Characters left as they are in the request target; anything else (spaces, controls, non-ASCII)
 # is percent-encoded, so the request line cannot be split or smuggled.
 _TARGET_SAFE = "/%:@!$&'()*+,;=?-._~"
 # A resolver that hangs keeps its worker; fetches then wait in the queue and time out, never pile up threads.
 _RESOLVER = ThreadPoolExecutor(max_workers=8, thread_name_prefix="media-dns")
-
-
-def address_allowed(address: str | IPAddress, allowed_networks: Iterable[IPNetwork] = ()) -> bool:
-    """Say whether an address is public, or inside one of the operator's allowed networks."""
-    ip = ipaddress.ip_address(address) if isinstance(address, str) else address
-    embedded = _embedded_ipv4(ip)
-    for network in allowed_networks:
-        if ip in network or (embedded is not None and embedded in network):
-            return True
-    return _is_public(ip)
-
-
-def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
-    """Return the IPv4 address an IPv6 form carries (mapped, 6to4, NAT64), if any."""
-    if isinstance(ip, ipaddress.IPv4Address):
-        return None
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    if ip.sixtofour is not None:
-        return ip.sixtofour
-    if ip in _NAT64:
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    return None
-
-
-def _is_public(ip: IPAddress) -> bool:
-    """Say whether an address is globally routable and not special in any way."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return _is_public(ip.ipv4_mapped)  # the socket talks to the IPv4 address
-    embedded = _embedded_ipv4(ip)
-    if embedded is not None and not _is_public(embedded):
-        return False
-    # is_global alone lets multicast (224.0.0.0/4) through, hence the explicit flags.
-    special = (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
-               or ip.is_unspecified or (isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local))
-    return ip.is_global and not special
-
-
-def normalize_host(host: str) -> str:
-    """Return a host as the allowlist compares it: lowercase IDNA ASCII, or a canonical IP literal."""
-    host = host.strip().removeprefix("[").removesuffix("]").lower().removesuffix(".")
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        pass
-    try:
-        ascii_host = host.encode("idna").decode("ascii")
-    except UnicodeError as exc:
-        raise ValueError("not a valid host name") from exc
-    labels = ascii_host.split(".")
-    if not all(_LABEL.fullmatch(label) for label in labels):
-        raise ValueError("not a valid host name")
-    if _NUMERIC_LABEL.fullmatch(labels[-1]):
-        raise ValueError("write an IPv4 address in the dotted form a.b.c.d")
-    return ascii_host
-
-
-def host_allowed(host: str, allowed_domains: Iterable[str]) -> bool:
-    """Say whether a normalised host is listed exactly, or under a ``*.example.com`` wildcard."""
-    is_ip = _is_ip(host)
-    for entry in allowed_domains:
-        entry = entry.strip()
-        try:
-            if entry.startswith("*."):
-                # Subdomains only, and never an IP literal: "*.0.1" must not match "127.0.0.1".
-                if not is_ip and host.endswith("." + normalize_host(entry[2:])):
-                    return True
-            elif host == normalize_host(entry):
-                return True
-        except ValueError as exc:
-            raise ValueError(f"VLGATE_ALLOWED_MEDIA_DOMAINS has an invalid entry {entry!r}: {exc}") from exc
-    return False
-
-
-def _is_ip(host: str) -> bool:
-    """Say whether a host is an IP literal."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _networks(cidrs: Iterable[str]) -> list[IPNetwork]:
-    """Parse the operator's allowed networks; a bad entry is a configuration error (500), not the user's."""
-    try:
-        return [ipaddress.ip_network(cidr.strip(), strict=False) for cidr in cidrs]
-    except ValueError as exc:
-        raise ValueError(f"VLGATE_ALLOWED_MEDIA_NETWORKS has an invalid entry: {exc}") from exc
 
 
 def _refuse(message: str) -> ApiError:
@@ -331,7 +241,7 @@ def fetch_image(url: str, settings: Settings) -> bytes:
     """Fetch an image URL's raw bytes from an allowed host within the settings' limits, or raise ApiError."""
     if not settings.allowed_media_domains:
         raise _refuse(DISABLED_MESSAGE)
-    networks = _networks(settings.allowed_media_networks)
+    networks = parse_networks(settings.allowed_media_networks)
     deadline = _Deadline(settings.media_fetch_timeout_s)
     for _ in range(settings.media_max_redirects + 1):
         target = _parse(url, settings.allowed_media_domains)
