@@ -34,10 +34,10 @@ from common.images import IMAGE_TOO_LARGE
 from web.openai.media_policy import (
     IPAddress,
     IPNetwork,
-    parse_networks,
     address_allowed,
     host_allowed,
     normalize_host,
+    parse_networks,
 )
 
 log = logging.getLogger(__name__)
