@@ -27,6 +27,23 @@ def on_starting(server: Any) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mine)
 
 
+def when_ready(server: Any) -> None:
+    """Tell the app which addresses it listens on (keys become required on any that is not loopback).
+
+    Runs in the master before the first worker is forked; workers inherit the variable and read it through
+    the settings (``VLGATE_BIND_HOSTS``).
+    """
+    hosts = []
+    for address in server.cfg.bind:
+        if address.startswith("unix:"):
+            hosts.append("localhost")  # a Unix socket is reachable only on this machine
+        elif address.startswith("fd://"):
+            hosts.append("0.0.0.0")  # a socket handed over by a supervisor: assume it is public
+        else:
+            hosts.append(address.rsplit(":", 1)[0] if ":" in address else address)
+    os.environ["VLGATE_BIND_HOSTS"] = ",".join(hosts)
+
+
 def post_worker_init(worker: Any) -> None:
     """Answer the errors gunicorn gives itself (URL too long, headers too large) in vlgate's JSON shape."""
     from web.server import use_json_errors

@@ -92,12 +92,38 @@ class Settings(BaseSettings):
     log_format: str = Field("text", pattern="^(text|json)$", description="'json': one JSON object per log line.")
     log_level: str = Field("INFO", description="Log level of vlgate's own loggers.")
 
+    # Keys, tenants, quotas and the audit log (docs/security.md)
+    auth: str = Field("auto", pattern="^(auto|required)$",
+                      description="'auto': open while no key exists and the web binds only to loopback; keys "
+                                  "required as soon as one exists or it binds elsewhere. 'required': always.")
+    bind_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1"],
+        description="Addresses the web listens on (gunicorn.conf.py fills it in from its bind).")
+    admin_key: str | None = Field(None, description="Bootstrap admin secret (vlg_…): made into an admin key at "
+                                                    "start-up if no key has it. Docker: from a secret file.")
+    admin_key_file: Path | None = Field(None, description="A file holding the bootstrap admin secret.")
+    key_cache_s: float = Field(1.0, ge=0, le=2, description="How long a key lookup is reused: a revoked key is "
+                                                            "refused at most this long after.")
+    auth_cookie_ttl_s: int = Field(7 * 24 * 3600, gt=0, description="Life of the pages' login cookie.")
+    ws_ticket_ttl_s: int = Field(30, gt=0, le=300, description="Life of a one-use WebSocket ticket.")
+    max_queued_chat: int = Field(1000, gt=0, description="Chat jobs waiting at once before new ones get 503.")
+    max_queued_batch_items: int = Field(100_000, gt=0, description="Batch items waiting at once before a new "
+                                                                   "batch gets 503.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated origins allowed to call the API from a browser.")
+    log_dir: Path | None = Field(None, description="Where audit.log is written; default: DATA_DIR/logs.")
+    audit_prompts: bool = Field(False, description="Write each prompt's text into the audit log (off: only its "
+                                                   "length).")
+    environment: str = Field("development", pattern="^(development|production)$",
+                             description="'production' refuses known default passwords in the database URL.")
+
     # OpenAI-compatible API
     served_model_name: str | None = Field(None, description="The model id /v1 reports; default: VLGATE_MODEL.")
     max_choices: int = Field(4, gt=0, le=16, description="Largest `n` a /v1 request may ask for.")
     sse_keepalive_s: float = Field(10.0, gt=0, description="Comment lines on an SSE stream while the job waits.")
 
-    @field_validator("allowed_media_domains", "allowed_media_networks", mode="before")
+    @field_validator("allowed_media_domains", "allowed_media_networks", "bind_hosts", "cors_origins",
+                     mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
@@ -130,6 +156,11 @@ class Settings(BaseSettings):
     def metrics_path(self) -> Path:
         """Return where the web's gunicorn workers keep their shared metric files."""
         return self.metrics_dir or self.data_dir / "metrics"
+
+    @property
+    def log_path(self) -> Path:
+        """Return where the audit log lives."""
+        return self.log_dir or self.data_dir / "logs"
 
     @property
     def demo_dir(self) -> Path:

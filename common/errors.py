@@ -20,6 +20,15 @@ ERROR_STATUS: dict[str, int] = {
     "batch_not_found": 404,
     "method_not_allowed": 405,
     "conflict": 409,
+    "missing_api_key": 401,
+    "invalid_api_key": 401,
+    "key_revoked": 401,
+    "key_expired": 401,
+    "admin_required": 403,
+    "rate_limit_exceeded": 429,
+    "tokens_per_minute_exceeded": 429,
+    "too_many_queued": 429,
+    "queue_full": 503,
     "model_not_loaded": 503,
     "service_unavailable": 503,
     "context_length_exceeded": 400,
@@ -36,12 +45,14 @@ ERROR_STATUS: dict[str, int] = {
 class ApiError(Exception):
     """An error with a stable code that the API reports in the common shape."""
 
-    def __init__(self, code: str, message: str, status: int | None = None, param: str | None = None) -> None:
+    def __init__(self, code: str, message: str, status: int | None = None, param: str | None = None,
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status if status is not None else ERROR_STATUS.get(code, 400)
         self.param = param  # the request field at fault, for OpenAI's error shape
+        self.retry_after = retry_after  # seconds, sent as Retry-After (429 and 503 refusals)
 
     def body(self) -> dict[str, Any]:
         """Return the JSON body for this error."""

@@ -1,18 +1,32 @@
-"""SQLAlchemy models: sessions, messages, de-duplicated images, and jobs (the source of truth)."""
+"""SQLAlchemy models: sessions, messages, de-duplicated images, jobs (the source of truth), API keys and usage.
+
+Every row a client makes carries its ``tenant`` (the tenant of the key that made it; ``default`` when the
+gateway runs open) and the id of that key; lookups are scoped by tenant (``web/auth.py``)."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import JSON, Date, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from common.ids import utcnow
 
 
+DEFAULT_TENANT = "default"  # the owner of everything made while the gateway runs open (no keys)
+
+
 class Base(DeclarativeBase):
     """Declarative base of every table (Alembic autogenerates from its metadata)."""
+
+
+def _tenant_column() -> Mapped[str]:
+    return mapped_column(String(64), default=DEFAULT_TENANT, server_default=DEFAULT_TENANT, index=True)
+
+
+def _key_column() -> Mapped[str | None]:
+    return mapped_column(String(40), nullable=True)
 
 
 class ChatSession(Base):
@@ -21,6 +35,8 @@ class ChatSession(Base):
     __tablename__ = "sessions"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = _tenant_column()
+    key_id: Mapped[str | None] = _key_column()
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
@@ -56,9 +72,12 @@ class StoredImage(Base):
     """A normalised image (PNG bytes), stored once however many messages use it."""
 
     __tablename__ = "images"
+    # De-duplicated per tenant only: a shared id would let anyone test whether another tenant sent a picture.
+    __table_args__ = (UniqueConstraint("tenant", "sha256", name="uq_images_tenant_sha256"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant: Mapped[str] = _tenant_column()
+    sha256: Mapped[str] = mapped_column(String(64))
     data: Mapped[bytes] = mapped_column(LargeBinary)
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
@@ -83,6 +102,8 @@ class Batch(Base):
     __tablename__ = "batches"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = _tenant_column()
+    key_id: Mapped[str | None] = _key_column()
     source: Mapped[str] = mapped_column(String(16), default="json")  # "json" | "upload"
     total: Mapped[int] = mapped_column(Integer, default=0)
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # shared parameters (uploads)
@@ -98,9 +119,12 @@ class Job(Base):
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
         Index("ix_jobs_queue_status_created", "queue", "status", "created_at"),
         Index("ix_jobs_batch_index", "batch_id", "batch_index"),
+        Index("ix_jobs_key_status", "key_id", "status"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = _tenant_column()
+    key_id: Mapped[str | None] = _key_column()
     session_id: Mapped[str | None] = mapped_column(
         ForeignKey("sessions.id", ondelete="SET NULL"), nullable=True, index=True
     )
@@ -142,3 +166,38 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     first_token_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class ApiKey(Base):
+    """A client's key: only a hash of its secret is stored; the prefix identifies it in lists and logs."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    prefix: Mapped[str] = mapped_column(String(32), unique=True)  # the public start of the secret
+    secret_hash: Mapped[str] = mapped_column(String(64))  # sha256 hex of the whole secret
+    admin: Mapped[bool] = mapped_column(default=False)
+    rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)  # requests per minute
+    tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)  # tokens per minute
+    max_queued: Mapped[int | None] = mapped_column(Integer, nullable=True)  # unfinished jobs at once
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class UsageDay(Base):
+    """What one key (or the open gateway, key ``-``) used on one UTC day."""
+
+    __tablename__ = "usage_days"
+
+    key_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    jobs: Mapped[int] = mapped_column(Integer, default=0)
+    images: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)

@@ -11,6 +11,7 @@ import click
 
 from vlgate_cli.batch import BatchOptions, BatchRun
 from vlgate_cli.client import Client
+from vlgate_cli.keys import keys
 
 DEFAULT_SERVER = "http://127.0.0.1:8501"
 
@@ -20,7 +21,10 @@ server_option = click.option("--server", default=DEFAULT_SERVER, show_default=Tr
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main() -> None:
-    """Run bulk image batches against a vlgate server."""
+    """Run bulk image batches against a vlgate server, and manage its API keys."""
+
+
+main.add_command(keys)
 
 
 @main.command()

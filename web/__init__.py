@@ -9,7 +9,7 @@ from flask import Flask
 
 from common.config import Settings, get_settings
 from common.logs import configure_logging
-from web import api, batch_page, errors, extensions, main, metrics, ws
+from web import api, auth, batch_page, errors, extensions, main, metrics, ws
 from web.openai import routes as openai_routes
 
 MIB = 1024 * 1024
@@ -29,6 +29,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes(settings)
     app.json.sort_keys = False  # keep the schemas' field order in answers
     extensions.init_app(app, settings)
+    svc = app.extensions[extensions.EXTENSION_KEY]
+    auth.init_app(app, settings, svc.session_factory, svc.redis)
     errors.init_app(app)
     api.init_app(app)
     main.init_app(app)

@@ -76,8 +76,13 @@ def validation_message(exc: ValidationError, prefix: str = "") -> str:
 
 
 def _api_error(exc: ApiError) -> Response:
-    """Answer an error the code raised on purpose."""
-    return error_response(exc.code, exc.message, exc.status, exc.param)
+    """Answer an error the code raised on purpose (a refusal that passes says when to retry)."""
+    response = error_response(exc.code, exc.message, exc.status, exc.param)
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="vlgate"'
+    return response
 
 
 def _image_error(exc: ImageError) -> Response:

@@ -13,6 +13,7 @@ from common import jobs
 from common.errors import ApiError, error_body
 from common.ids import is_id
 from common.text import parse_json
+from web.auth import visible
 from web.errors import error_parts
 from web.extensions import Services, services
 from web.metrics import FOLLOWERS
@@ -130,7 +131,8 @@ def job_socket(ws: Any, job_id: str) -> None:
     connection = Connection(ws, svc)
     after = request.args.get("after", default=0, type=int) or 0
     with svc.session_factory() as db:
-        exists = is_id("job", job_id) and jobs.load(db, job_id) is not None
+        job = jobs.load(db, job_id) if is_id("job", job_id) else None
+        exists = job is not None and visible(job)  # another tenant's job does not exist here
     if not exists:
         connection.send(error_event("job_not_found", f"Job {job_id} does not exist.", job_id))
         return

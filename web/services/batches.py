@@ -28,6 +28,7 @@ from common.jobspec import JobSpec, SamplingSpec, StopSpec, TurnSpec
 from common.models import Batch, Job
 from common.queue import BATCH_QUEUE, enqueue
 from common.schemas import BatchCounts, BatchCreate, BatchItemCreate, BatchLinks, BatchPublic
+from web.auth import owned, owner
 from web.errors import validation_message
 from web.extensions import Services
 from web.services.images import store_image
@@ -78,6 +79,7 @@ class BatchWriter:
         self._pending: list[PreparedItem] = []
         self._pending_bytes = 0
         self._created = False
+        self.owner = owner()  # the caller's tenant and key, taken while the request is there
 
     def add(self, item: PreparedItem) -> None:
         """Take the next item; write the pending ones when they reach a transaction's worth."""
@@ -96,7 +98,7 @@ class BatchWriter:
         now = utcnow()
         if not self._created:
             self.db.add(Batch(id=self.batch_id, source=self.source, total=0, params=self.params,
-                              cancel_requested=False, created_at=now))
+                              cancel_requested=False, created_at=now, **self.owner))
             self.db.flush()  # the items point at it
             self._created = True
         first = self.total - len(self._pending)
@@ -108,12 +110,12 @@ class BatchWriter:
 
     def _job(self, item: PreparedItem, index: int, now: Any) -> Job:
         """Build an item's job row: queued, or failed with its image's error."""
-        image_ids = [store_image(self.db, image) for image in item.images]
+        image_ids = [store_image(self.db, image, self.owner["tenant"]) for image in item.images]
         spec = JobSpec(turns=[TurnSpec(role="user", text=item.prompt, image_ids=image_ids)], sampling=item.sampling,
                        stop=item.stop)
         job = Job(id=new_id("job"), batch_id=self.batch_id, batch_index=index, prompt=item.prompt,
                   image_ids=image_ids, item_name=item.name, queue=BATCH_QUEUE, spec=spec.stored(), params={},
-                  attempts=0, cancel_requested=False, created_at=now)
+                  attempts=0, cancel_requested=False, created_at=now, **self.owner)
         if item.error is None:
             job.status = "queued"
             self.queued_ids.append(job.id)
@@ -225,8 +227,8 @@ def create_json_batch(db: Session, services: Services, batch: JsonBatch) -> str:
 
 
 def get_batch(db: Session, batch_id: str) -> Batch:
-    """Load a batch fresh from the database or raise 404 ``batch_not_found``."""
-    fresh = select(Batch).where(Batch.id == batch_id).execution_options(populate_existing=True)
+    """Load one of the caller's batches fresh from the database or raise 404 ``batch_not_found``."""
+    fresh = select(Batch).where(Batch.id == batch_id, owned(Batch)).execution_options(populate_existing=True)
     batch = db.execute(fresh).scalar_one_or_none() if is_id("batch", batch_id) else None
     if batch is None:
         raise ApiError("batch_not_found", f"Batch {batch_id} does not exist.")

@@ -1,6 +1,12 @@
-"""Store normalised images once, by content (sha256), whichever request brings them."""
+"""Store normalised images once per tenant, by content (sha256), whichever request brings them.
+
+De-duplication never crosses tenants: a shared content-derived id would let one tenant test whether
+another had sent a given picture.
+"""
 
 from __future__ import annotations
+
+import hashlib
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -11,19 +17,21 @@ from common.models import StoredImage
 from web.metrics import observe_image
 
 
-def image_id(sha256: str) -> str:
-    """Return the content-derived id of a stored image."""
-    return "img_" + sha256[:24]
+def image_id(tenant: str, sha256: str) -> str:
+    """Return the id of a tenant's stored image: derived from both, so an id reveals nothing across tenants."""
+    return "img_" + hashlib.sha256(f"{tenant}\n{sha256}".encode()).hexdigest()[:24]
 
 
-def store_image(db: Session, image: NormalizedImage) -> str:
-    """Store an image once (by sha256) and return its id; a concurrent insert of the same image is fine."""
+def store_image(db: Session, image: NormalizedImage, tenant: str) -> str:
+    """Store a tenant's image once (by sha256) and return its id; a concurrent insert of the same image is fine."""
     observe_image(image)
-    existing = db.execute(select(StoredImage.id).where(StoredImage.sha256 == image.sha256)).scalar_one_or_none()
+    mine = select(StoredImage.id).where(StoredImage.tenant == tenant, StoredImage.sha256 == image.sha256)
+    existing = db.execute(mine).scalar_one_or_none()
     if existing is not None:
         return existing
     row = StoredImage(
-        id=image_id(image.sha256),
+        id=image_id(tenant, image.sha256),
+        tenant=tenant,
         sha256=image.sha256,
         data=image.data,
         width=image.width,
@@ -36,7 +44,7 @@ def store_image(db: Session, image: NormalizedImage) -> str:
         with db.begin_nested():
             db.add(row)
     except IntegrityError:
-        existing = db.execute(select(StoredImage.id).where(StoredImage.sha256 == image.sha256)).scalar_one_or_none()
+        existing = db.execute(mine).scalar_one_or_none()
         if existing is None:
             raise
         return existing

@@ -17,6 +17,7 @@ from common.events import FINAL_EVENTS, DoneEvent
 from common.ids import is_id, isoformat
 from common.models import Job
 from common.schemas import FINAL_STATUSES, ChatResponse, ErrorDetail, JobAccepted, JobPublic, Links, Usage
+from web.auth import visible
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,9 @@ def is_final(job: Job) -> bool:
 
 
 def get_job(db: Session, job_id: str) -> Job:
-    """Load a job fresh from the database or raise 404 ``job_not_found``."""
+    """Load one of the caller's jobs fresh from the database or raise 404 ``job_not_found``."""
     job = jobs.load(db, job_id) if is_id("job", job_id) else None
-    if job is None:
+    if job is None or not visible(job):  # another tenant's job does not exist for this caller
         raise ApiError("job_not_found", f"Job {job_id} does not exist.")
     return job
 

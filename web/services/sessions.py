@@ -10,6 +10,7 @@ from common.errors import ApiError
 from common.ids import is_id, isoformat
 from common.models import ChatSession, Job, Message, StoredImage
 from common.schemas import MessagePublic, SessionDeleted, SessionPublic
+from web.auth import owned
 from web.services.jobs import cancel_job
 
 
@@ -19,7 +20,7 @@ def get_session(db: Session, session_id: str) -> SessionPublic:
         raise ApiError("session_not_found", f"Session {session_id} does not exist.")
     chat = db.execute(
         select(ChatSession)
-        .where(ChatSession.id == session_id)
+        .where(ChatSession.id == session_id, owned(ChatSession))
         .options(selectinload(ChatSession.messages).selectinload(Message.image_links))
     ).scalar_one_or_none()
     if chat is None:
@@ -37,7 +38,8 @@ def get_session(db: Session, session_id: str) -> SessionPublic:
 
 def delete_session(db: Session, bus: TokenBus, session_id: str) -> SessionDeleted:
     """Cancel a conversation's unfinished jobs and delete it with its messages (images are shared, so kept)."""
-    if not is_id("sess", session_id) or db.get(ChatSession, session_id) is None:
+    mine = select(ChatSession.id).where(ChatSession.id == session_id, owned(ChatSession))
+    if not is_id("sess", session_id) or db.execute(mine).first() is None:
         raise ApiError("session_not_found", f"Session {session_id} does not exist.")
     pending = db.execute(
         select(Job.id).where(Job.session_id == session_id, Job.status.in_(("queued", "running")))
@@ -52,8 +54,8 @@ def delete_session(db: Session, bus: TokenBus, session_id: str) -> SessionDelete
 
 
 def get_image(db: Session, image_id: str) -> bytes:
-    """Return a stored image's PNG bytes, or raise 404."""
-    found = select(StoredImage.data).where(StoredImage.id == image_id)
+    """Return one of the caller's stored images as PNG bytes, or raise 404."""
+    found = select(StoredImage.data).where(StoredImage.id == image_id, owned(StoredImage))
     data = db.execute(found).scalar_one_or_none() if is_id("img", image_id) else None
     if data is None:
         raise ApiError("not_found", f"Image {image_id} does not exist.")

@@ -21,6 +21,7 @@ from common.models import ChatSession, Job, Message, MessageImage
 from common.queue import CHAT_QUEUE, enqueue
 from common.schemas import ChatRequest
 from web.extensions import Services
+from web.auth import owned, owner
 from web.services.images import store_image
 from web.services.workers import require_model
 
@@ -61,8 +62,9 @@ def decode_images(request: ChatRequest, settings: Settings) -> list[NormalizedIm
 
 
 def _session_exists(db: Session, session_id: str) -> bool:
-    """Return whether a session row exists."""
-    return db.execute(select(ChatSession.id).where(ChatSession.id == session_id)).first() is not None
+    """Return whether one of the caller's sessions has this id."""
+    mine = select(ChatSession.id).where(ChatSession.id == session_id, owned(ChatSession))
+    return db.execute(mine).first() is not None
 
 
 @dataclass
@@ -75,11 +77,12 @@ class DraftTurn:
 
 
 def _store_images(db: Session, images: list[NormalizedImage]) -> list[str]:
-    """Store images once each (by content) and return their ids in order."""
+    """Store images once each (by content, per tenant) and return their ids in order."""
     ids_by_sha: dict[str, str] = {}
+    tenant = owner()["tenant"]
     for image in images:
         if image.sha256 not in ids_by_sha:
-            ids_by_sha[image.sha256] = store_image(db, image)
+            ids_by_sha[image.sha256] = store_image(db, image, tenant)
     return [ids_by_sha[image.sha256] for image in images]
 
 
@@ -95,7 +98,7 @@ def _history(db: Session, session_id: str) -> list[TurnSpec]:
 def _new_job(job_id: str, spec: JobSpec, now: datetime, **fields: Any) -> Job:
     """Build a queued chat-queue job row carrying its spec."""
     return Job(id=job_id, queue=CHAT_QUEUE, status="queued", spec=spec.stored(), params={}, attempts=0,
-               cancel_requested=False, created_at=now, enqueued_at=now, **fields)
+               cancel_requested=False, created_at=now, enqueued_at=now, **owner(), **fields)
 
 
 def _store(db: Session, request: ChatRequest, images: list[NormalizedImage], settings: Settings) -> Job:
@@ -105,10 +108,10 @@ def _store(db: Session, request: ChatRequest, images: list[NormalizedImage], set
     history: list[TurnSpec] = []
     if session_id is None:
         session_id = new_id("sess")
-        db.add(ChatSession(id=session_id, created_at=now, updated_at=now))
+        db.add(ChatSession(id=session_id, created_at=now, updated_at=now, **owner()))
     else:
         chat = db.get(ChatSession, session_id)
-        if chat is None:  # deleted since we checked
+        if chat is None or not _session_exists(db, session_id):  # deleted since we checked
             raise ApiError("session_not_found", f"Session {session_id} does not exist.")
         chat.updated_at = now
         history = _history(db, session_id)
