@@ -13,7 +13,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from common.ids import utcnow
 
-
 DEFAULT_TENANT = "default"  # the owner of everything made while the gateway runs open (no keys)
 
 

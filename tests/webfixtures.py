@@ -38,7 +38,8 @@ from web.extensions import Services
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = "redis://127.0.0.1:6379/14"  # a DB of its own: each test flushes it
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1: connection refused at once
-TABLES = ("message_images", "jobs", "batches", "messages", "images", "sessions", "api_keys", "usage_days")  # children first
+# children first
+TABLES = ("message_images", "jobs", "batches", "messages", "images", "sessions", "api_keys", "usage_days")
 WORKER_ID = "test-worker"
 
 

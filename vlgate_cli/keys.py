@@ -88,7 +88,8 @@ def list_(as_json: bool) -> None:
     click.echo(f"{'PREFIX':14} {'NAME':16} {'TENANT':16} {'ADMIN':5} {'RPM':>6} {'TPM':>8} {'QUEUED':>6}  STATE")
     for row in rows:
         state = "revoked" if row["revoked_at"] else (f"expires {row['expires_at']}" if row["expires_at"] else "active")
-        click.echo(f"{row['prefix']:14} {row['name'][:16]:16} {row['tenant'][:16]:16} {'yes' if row['admin'] else '':5} "
+        admin = "yes" if row["admin"] else ""
+        click.echo(f"{row['prefix']:14} {row['name'][:16]:16} {row['tenant'][:16]:16} {admin:5} "
                    f"{row['rpm'] or '-':>6} {row['tpm'] or '-':>8} {row['max_queued'] or '-':>6}  {state}")
 
 

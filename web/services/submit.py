@@ -20,8 +20,8 @@ from common.jobspec import JobSpec, SamplingSpec, StopSpec, TurnSpec
 from common.models import ChatSession, Job, Message, MessageImage
 from common.queue import CHAT_QUEUE, enqueue
 from common.schemas import ChatRequest
-from web.extensions import Services
 from web.auth import owned, owner
+from web.extensions import Services
 from web.services.images import store_image
 from web.services.workers import require_model
 
