@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import struct
 import threading
 import time
@@ -36,7 +37,8 @@ from web import create_app
 from web.extensions import Services
 
 ROOT = Path(__file__).resolve().parent.parent
-REDIS_URL = "redis://127.0.0.1:6379/14"  # a DB of its own: each test flushes it
+# A DB of its own (each test flushes it); TEST_REDIS_DB lets two suites run side by side on one Redis.
+REDIS_URL = f"redis://127.0.0.1:6379/{os.environ.get('TEST_REDIS_DB', '14')}"
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1: connection refused at once
 # children first
 TABLES = ("message_images", "jobs", "batches", "messages", "images", "sessions", "api_keys", "usage_days")
