@@ -286,6 +286,14 @@ def owner() -> dict[str, Any]:
     return {"tenant": principal.tenant, "key_id": principal.key_id}
 
 
+def recheck() -> Principal:
+    """Check again that the caller's key still works (a WebSocket outlives its handshake); return the caller."""
+    principal = current()
+    if principal.key_id is not None:
+        g.principal = _key_principal(principal.key_id, principal.via)
+    return g.principal if has_request_context() else principal
+
+
 def require_admin() -> Principal:
     """Return the caller if it holds an admin key, else raise 403."""
     principal = current()

@@ -13,7 +13,7 @@ from common import jobs
 from common.errors import ApiError, error_body
 from common.ids import is_id
 from common.text import parse_json
-from web.auth import visible
+from web.auth import recheck, visible
 from web.errors import error_parts
 from web.extensions import Services, services
 from web.metrics import FOLLOWERS
@@ -78,6 +78,7 @@ class Connection:
             self.send(error_event("invalid_request", "cancel_on_disconnect: must be true or false"))
             return
         try:
+            recheck()  # a key revoked since the socket opened is refused from its next turn on
             with self.svc.session_factory() as db:
                 submitted = submit_chat(db, self.svc, body)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error frame; the socket lives on
@@ -92,6 +93,7 @@ class Connection:
     def cancel(self, job_id: str) -> None:
         """Cancel a job; its stream ends with a ``done`` whose status is cancelled."""
         try:
+            recheck()
             with self.svc.session_factory() as db:
                 cancel_job(db, self.svc.bus, job_id)
         except Exception as exc:  # noqa: BLE001 - reported to the client
