@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 
 from common.models import Job
 from devtools import live
-from devtools.databases import make_image
+from devtools.databases import make_image, migrate
 from devtools.live import Stack
 from tests.webfixtures import DEAD_REDIS_URL, make_settings
 from web import create_app
@@ -64,7 +64,9 @@ def page(browser, stack: Stack):  # type: ignore[no-untyped-def]
 
 
 def test_the_page_needs_nothing_from_outside_and_follows_the_server_token_limit(tmp_path: Path) -> None:
-    settings = make_settings(f"sqlite:///{tmp_path / 'unused.db'}", tmp_path, redis_url=DEAD_REDIS_URL,
+    url = f"sqlite:///{tmp_path / 'offline.db'}"
+    migrate(url)  # the app reads it only to find whether keys exist
+    settings = make_settings(url, tmp_path, redis_url=DEAD_REDIS_URL,
                              max_tokens_limit=1024)
     app = create_app(settings)
     assert "batch_page" in app.blueprints, "register web.batch_page (batch_page.init_app) in create_app"

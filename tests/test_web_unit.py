@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
 from common.schemas import ChatRequest, WorkerStatus
+from devtools.databases import migrate
 from tests.webfixtures import DEAD_REDIS_URL, make_settings
 from web import create_app, max_body_bytes
 from web.errors import validation_message
@@ -38,8 +39,10 @@ def documented_routes(app: Flask) -> dict[str, set[str]]:
 
 @pytest.fixture
 def offline_app(tmp_path: Path) -> Flask:
-    """An app whose Redis is unreachable and whose database is never touched."""
-    app = create_app(make_settings(f"sqlite:///{tmp_path / 'unused.db'}", tmp_path, redis_url=DEAD_REDIS_URL))
+    """An app whose Redis is unreachable, on an empty migrated database (read only to find whether keys exist)."""
+    url = f"sqlite:///{tmp_path / 'offline.db'}"
+    migrate(url)
+    app = create_app(make_settings(url, tmp_path, redis_url=DEAD_REDIS_URL))
     app.testing = True
     return app
 

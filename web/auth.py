@@ -251,7 +251,8 @@ def _authenticate() -> None:
         return
     try:
         g.principal = resolve()
-    except ApiError:
+    except (ApiError, SQLAlchemyError, redis.RedisError):
+        # A public page still answers when the key or its check fails (the database may be down): as nobody.
         if request.endpoint in PUBLIC_ENDPOINTS or request.endpoint is None:  # None: a 404 of its own
             g.principal = ANONYMOUS
             return
