@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import click
 
 if TYPE_CHECKING:
+    from common.config import Settings
     from scripts.supervise import Program, Supervisor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,8 +98,26 @@ def _migrate() -> None:
         raise click.ClickException("alembic upgrade head failed (see above)")
 
 
+def _access(settings: Settings, bind_host: str) -> str:
+    """Say whether the web will ask for API keys (web/auth.py decides the same way)."""
+    from common.db import make_engine, make_session_factory
+    from common.keys import any_key
+    from web.auth import is_loopback
+
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        with make_session_factory(engine)() as db:
+            keys_exist = any_key(db)
+    finally:
+        engine.dispose()
+    if settings.auth == "required" or keys_exist or not is_loopback(bind_host):
+        return "API keys required (python -m vlgate_cli keys create --name NAME makes one)"
+    return ("OPEN: no API key exists and only this machine can connect; "
+            "`python -m vlgate_cli keys create` turns keys on")
+
+
 def _banner(url: str, model: str, demo_fallback: bool, workers: str, redis_url: str, own_redis: bool,
-            database: str) -> None:
+            database: str, access: str) -> None:
     """Print where vlgate serves and what it is running."""
     if model == "demo":
         model_line = "demo checkpoint: tiny random weights, its answers are random text"
@@ -116,6 +135,7 @@ def _banner(url: str, model: str, demo_fallback: bool, workers: str, redis_url: 
         f"    workers  {workers}",
         f"    redis    {redis_url} ({'started by make run' if own_redis else 'already running'})",
         f"    database {database}",
+        f"    access   {access}",
         "  A process that dies is restarted; Ctrl-C stops everything.",
         rule,
     ]))
@@ -172,7 +192,7 @@ def main(host: str, port: int | None) -> None:
                 announced = True
                 database = make_url(settings.sqlalchemy_url).render_as_string(hide_password=True)
                 _banner(url, settings.model, settings.demo_fallback, describe_workers(workers, settings.device),
-                        redis_url, own_redis, database)
+                        redis_url, own_redis, database, _access(settings, bind_host))
             time.sleep(0.25)
     except Shutdown as stop:
         click.echo(f"vlgate: {stop}: stopping")

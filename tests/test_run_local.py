@@ -414,6 +414,8 @@ def test_run_local_serves_the_seed_client(local: LocalRun) -> None:
         assert db.execute("select version_num from alembic_version").fetchall()
     log = local.log.read_text()
     assert "vlgate is serving on" in log and "workers  one worker on cpu" in log, log[-3000:]
+    # No key made and bound to loopback: open, and both the banner and the web's own log say so.
+    assert "access   OPEN: no API key exists" in log and "vlgate runs OPEN" in log, log[-3000:]
 
 
 @pytest.mark.slow
