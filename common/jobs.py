@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from common.fair_share import FAIR_QUEUES, take_fairly
 from common.ids import from_epoch, utcnow
 from common.models import Batch, Job, Message
+from common.usage import add_usage
 
 
 def claim(db: Session, job_id: str, worker_id: str, lease_s: float, max_attempts: int) -> Job | None:
@@ -54,34 +56,67 @@ def renew(db: Session, job_id: str, worker_id: str, lease_s: float) -> bool:
     return result.rowcount == 1
 
 
+def _claimable(queue: str, max_attempts: int) -> tuple[ColumnElement[bool], ...]:
+    """Return the WHERE clause of the waiting jobs of a queue that a worker may take now."""
+    # enqueued_at is set when the job's request committed: an upload's items still streaming in (their batch
+    # not yet complete) are not claimable.
+    return (Job.queue == queue, Job.status == "queued", Job.cancel_requested.is_(False),
+            Job.attempts < max_attempts, Job.enqueued_at.is_not(None))
+
+
+class _Taker:
+    """Claim jobs one by one until their weights fill the room."""
+
+    def __init__(self, db: Session, worker_id: str, lease_s: float, max_attempts: int, limit: int,
+                 weight: Callable[[Job], int]) -> None:
+        self.db, self.worker_id, self.lease_s, self.max_attempts = db, worker_id, lease_s, max_attempts
+        self.limit, self.weight = limit, weight
+        self.claimed: list[Job] = []
+        self.used = 0
+
+    def room(self) -> int:
+        """Return how many more jobs could fit (each weighs at least 1)."""
+        return max(0, self.limit - self.used)
+
+    def take(self, job_id: str) -> bool:
+        """Claim one job; False when another worker got it first."""
+        job = claim(self.db, job_id, self.worker_id, self.lease_s, self.max_attempts)
+        if job is None:
+            return False
+        self.claimed.append(job)
+        self.used += self.weight(job)
+        return True
+
+
+def _take_oldest(taker: _Taker, queue: str) -> None:
+    """Take a queue's claimable jobs oldest first."""
+    while taker.room():
+        candidates = taker.db.execute(
+            select(Job.id).where(*_claimable(queue, taker.max_attempts))
+            .order_by(Job.created_at, Job.batch_index).limit(taker.room() * 2)
+        ).scalars().all()
+        before = len(taker.claimed)
+        for job_id in candidates:
+            if taker.take(job_id) and not taker.room():
+                break
+        if len(taker.claimed) == before:  # nothing left here, or others took all of it
+            break
+
+
 def claim_next(db: Session, worker_id: str, lease_s: float, max_attempts: int, limit: int,
                queues: tuple[str, ...], weight: Callable[[Job], int] = lambda _job: 1) -> list[Job]:
-    """Claim waiting jobs worth up to `limit` (each job counts `weight(job)`, e.g. its decode rows), oldest first,
-    taking `queues` in priority order. The last job may overshoot the limit: a big job is never starved."""
-    claimed: list[Job] = []
-    used = 0
+    """Claim waiting jobs worth up to `limit` (each job counts `weight(job)`, e.g. its decode rows), taking
+    `queues` in priority order: chat oldest first, batch items round-robin by tenant (`FAIR_QUEUES`).
+    The last job may overshoot the limit: a big job is never starved."""
+    taker = _Taker(db, worker_id, lease_s, max_attempts, limit, weight)
     for queue in queues:
-        while used < limit:
-            candidates = db.execute(
-                select(Job.id)
-                # enqueued_at is set when the job's request committed: an upload's items still streaming in
-                # (their batch not yet complete) are not claimable.
-                .where(Job.queue == queue, Job.status == "queued", Job.cancel_requested.is_(False),
-                       Job.attempts < max_attempts, Job.enqueued_at.is_not(None))
-                .order_by(Job.created_at, Job.batch_index)
-                .limit((limit - used) * 2)
-            ).scalars().all()
-            before = len(claimed)
-            for job_id in candidates:
-                job = claim(db, job_id, worker_id, lease_s, max_attempts)
-                if job is not None:
-                    claimed.append(job)
-                    used += weight(job)
-                    if used >= limit:
-                        break
-            if len(claimed) == before:  # nothing left here, or others took all of it
-                break
-    return claimed
+        if not taker.room():
+            break
+        if queue in FAIR_QUEUES:
+            take_fairly(db, queue, _claimable(queue, max_attempts), taker.room, taker.take)
+        else:
+            _take_oldest(taker, queue)
+    return taker.claimed
 
 
 def release(db: Session, job_ids: list[str], worker_id: str, count_attempt: bool) -> list[tuple[str, str]]:
@@ -172,6 +207,9 @@ def finish(db: Session, job_id: str, worker_id: str, outcome: Outcome) -> bool:
     job = db.get(Job, job_id)
     if job is not None and job.session_id and outcome.status != "failed" and outcome.response:
         db.add(Message(session_id=job.session_id, role="assistant", text=outcome.response, job_id=job_id))
+    if job is not None:  # counted here, with the one UPDATE that finished it: a job never counts twice
+        add_usage(db, job.key_id, job.tenant, prompt_tokens=outcome.prompt_tokens or 0,
+                  completion_tokens=outcome.completion_tokens or 0)
     db.commit()
     return True
 

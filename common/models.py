@@ -117,6 +117,8 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
         Index("ix_jobs_queue_status_created", "queue", "status", "created_at"),
+        # Fair share (common/fair_share.py): the tenants with waiting work, and each one's oldest items.
+        Index("ix_jobs_queue_status_tenant", "queue", "status", "tenant", "created_at", "batch_index"),
         Index("ix_jobs_batch_index", "batch_id", "batch_index"),
         Index("ix_jobs_key_status", "key_id", "status"),
     )
