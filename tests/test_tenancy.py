@@ -35,9 +35,11 @@ db_url, app, client = webfixtures.db_url, webfixtures.app, webfixtures.client
 IMAGE = png_bytes(color=(10, 200, 90))
 # Routes whose id names no tenant's row, with the reason (anything else with an id must be in FILL).
 NOT_TENANT_OWNED = {"openai.read_model": "the served model is the same for every tenant"}
-# An id argument -> (the kind of tenant A's things that fill it, the 404 code another tenant gets).
-FILL = {"job_id": ("jobs", "job_not_found"), "session_id": ("sessions", "session_not_found"),
-        "batch_id": ("batches", "batch_not_found"), "image_id": ("images", "not_found")}
+# (the route's first path segment, an id argument) -> (the kind of tenant A's things that fill it, the 404 code
+# another tenant gets). Keyed by the segment too: /v1's ids (files, batches) are other things than /api's.
+FILL = {("api", "job_id"): ("jobs", "job_not_found"), ("api", "session_id"): ("sessions", "session_not_found"),
+        ("api", "batch_id"): ("batches", "batch_not_found"), ("api", "image_id"): ("images", "not_found"),
+        ("ws", "job_id"): ("jobs", "job_not_found")}
 RESULT_FORMATS = ("", "?format=json", "?format=jsonl", "?format=csv")  # every GET is tried with each
 
 
@@ -127,14 +129,21 @@ def id_rules(app: Flask) -> Iterator[tuple[Rule, list[str]]]:
             yield rule, ids
 
 
+def fills(rule: Rule, ids: list[str]) -> list[tuple[str, str]]:
+    """Return how to fill each id of a rule; fail, naming the rule, if the matrix does not know one."""
+    segment = rule.rule.strip("/").split("/")[0]
+    unknown = [arg for arg in ids if (segment, arg) not in FILL]
+    assert not unknown, f"{rule.rule}: the tenancy matrix cannot fill {unknown}; add them to FILL (or the route " \
+                        "to NOT_TENANT_OWNED, with a reason)"
+    return [FILL[(segment, arg)] for arg in ids]
+
+
 def filled(rule: Rule, ids: list[str], world: World) -> Iterator[tuple[str, str]]:
     """Yield (path, expected 404 code) for every combination of A's things that fills a rule."""
-    unknown = [arg for arg in ids if arg not in FILL]
-    assert not unknown, f"{rule.rule}: the tenancy matrix cannot fill {unknown}; add them to FILL"
-    choices = [world.things[FILL[arg][0]] for arg in ids]
-    for values in itertools.product(*choices):
+    how = fills(rule, ids)
+    for values in itertools.product(*(world.things[kind] for kind, _ in how)):
         path = rule.build(dict(zip(ids, values, strict=True)))[1]
-        yield path, FILL[ids[0]][1]
+        yield path, how[0][1]
 
 
 def test_the_matrix_covers_every_id_route(app: Flask) -> None:
@@ -142,7 +151,7 @@ def test_the_matrix_covers_every_id_route(app: Flask) -> None:
     assert {"/api/jobs/<job_id>", "/api/sessions/<session_id>", "/api/batches/<batch_id>",
             "/api/batches/<batch_id>/results", "/api/images/<image_id>", "/ws/jobs/<job_id>"} <= routes
     for rule, ids in id_rules(app):
-        assert set(ids) <= set(FILL), f"{rule.rule}: add its id to FILL (or NOT_TENANT_OWNED, with a reason)"
+        fills(rule, ids)
 
 
 def test_another_tenants_ids_are_404_everywhere_and_touch_nothing(app: Flask, client: FlaskClient,
