@@ -28,9 +28,12 @@ from common.jobspec import JobSpec, SamplingSpec, StopSpec, TurnSpec
 from common.models import Batch, Job
 from common.queue import BATCH_QUEUE, enqueue
 from common.schemas import BatchCounts, BatchCreate, BatchItemCreate, BatchLinks, BatchPublic
+from common.usage import count_submission
+from web import audit
 from web.auth import owned, owner
 from web.errors import validation_message
 from web.extensions import Services
+from web.quotas import admission, charge, check_room, estimate_tokens
 from web.services.images import store_image
 from web.services.jobs import announce_cancelled
 from web.services.submit import validation_context
@@ -79,6 +82,7 @@ class BatchWriter:
         self._pending: list[PreparedItem] = []
         self._pending_bytes = 0
         self._created = False
+        self.images = 0  # stored with the items, for usage accounting
         self.owner = owner()  # the caller's tenant and key, taken while the request is there
 
     def add(self, item: PreparedItem) -> None:
@@ -111,6 +115,8 @@ class BatchWriter:
     def _job(self, item: PreparedItem, index: int, now: Any) -> Job:
         """Build an item's job row: queued, or failed with its image's error."""
         image_ids = [store_image(self.db, image, self.owner["tenant"]) for image in item.images]
+        self.images += len(image_ids)
+        audit.note(image_sha256s=[image.sha256 for image in item.images], prompt=item.prompt)
         spec = JobSpec(turns=[TurnSpec(role="user", text=item.prompt, image_ids=image_ids)], sampling=item.sampling,
                        stop=item.stop)
         job = Job(id=new_id("job"), batch_id=self.batch_id, batch_index=index, prompt=item.prompt,
@@ -130,7 +136,9 @@ class BatchWriter:
         self.db.execute(update(Batch).where(Batch.id == self.batch_id).values(total=self.total))
         self.db.execute(update(Job).where(Job.batch_id == self.batch_id, Job.status == "queued")
                         .values(enqueued_at=utcnow()).execution_options(synchronize_session=False))
+        count_submission(self.db, self.owner, jobs=self.total, images=self.images)
         self.db.commit()
+        audit.note(batch_id=self.batch_id, jobs=self.total)
 
     def enqueue(self) -> None:
         """Send every queued item, in order, to the batch queue (after ``commit``)."""
@@ -141,6 +149,12 @@ class BatchWriter:
                 log.warning("could not enqueue %d items of batch %s (they stay queued for the reaper): %s",
                             len(self.queued_ids) - sent, self.batch_id, exc)
                 return
+
+    def admit(self) -> None:
+        """Commit the batch if the caps have room for its queued items (checked under the admission lock)."""
+        self.flush()  # every item is in the database before the count (they do not count until committed)
+        with admission(self.db, BATCH_QUEUE, jobs=len(self.queued_ids)):
+            self.commit()
 
     def abort(self) -> None:
         """Delete what was stored of a batch that could not be completed."""
@@ -213,12 +227,16 @@ def prepare_json_item(item: BatchItemCreate, settings: Settings) -> PreparedItem
 def create_json_batch(db: Session, services: Services, batch: JsonBatch) -> str:
     """Store a validated JSON batch and enqueue its items; return the batch id."""
     settings = services.settings
+    charge(requests=1, tokens=sum(estimate_tokens(len(item.prompt), len(item.all_images()),
+                                                  item.max_tokens or settings.default_max_tokens)
+                                  for item in batch.items))
     require_model(services.bus, settings.model_wait_s)
+    check_room(db, BATCH_QUEUE, len(batch.items))  # refused whole before anything is stored
     writer = BatchWriter(db, services.celery, source="json")
     try:
         for item in batch.items:
             writer.add(prepare_json_item(item, settings))
-        writer.commit()
+        writer.admit()  # checked again, exactly, with the items written: another batch may have come first
     except BaseException:
         writer.abort()
         raise

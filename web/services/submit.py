@@ -20,8 +20,11 @@ from common.jobspec import JobSpec, SamplingSpec, StopSpec, TurnSpec
 from common.models import ChatSession, Job, Message, MessageImage
 from common.queue import CHAT_QUEUE, enqueue
 from common.schemas import ChatRequest
+from common.usage import count_submission
+from web import audit
 from web.auth import owned, owner
 from web.extensions import Services
+from web.quotas import admission, charge, estimate_tokens
 from web.services.images import store_image
 from web.services.workers import require_model
 
@@ -126,7 +129,9 @@ def _store(db: Session, request: ChatRequest, images: list[NormalizedImage], set
                    sampling=sampling, stop=stop)
     job = _new_job(job_id, spec, now, session_id=session_id, user_message_id=message.id)
     db.add(job)
+    count_submission(db, owner(), jobs=1, images=len(images))
     db.commit()
+    audit.note(job_ids=[job_id], image_sha256s=[image.sha256 for image in images], prompt=request.prompt)
     return job
 
 
@@ -145,9 +150,12 @@ def submit_chat(db: Session, services: Services, body: Any) -> Submitted:
     images = decode_images(request, settings)
     if request.session_id is not None and not _session_exists(db, request.session_id):
         raise ApiError("session_not_found", f"Session {request.session_id} does not exist.")
+    charge(requests=1, tokens=estimate_tokens(len(request.prompt), len(images),
+                                              request.max_tokens or settings.default_max_tokens))
     require_model(services.bus, settings.model_wait_s)
     try:
-        job = _store(db, request, images, settings)
+        with admission(db, CHAT_QUEUE, jobs=1):
+            job = _store(db, request, images, settings)
     except BaseException:
         db.rollback()
         raise
@@ -162,16 +170,23 @@ def submit_turns(db: Session, services: Services, turns: list[DraftTurn], sampli
     ``before_enqueue`` runs between the commit and the enqueue: a streaming caller subscribes to the job's
     events there, so not even the first token can be published before it listens.
     """
+    charge(requests=1, tokens=estimate_tokens(sum(len(t.text) for t in turns), sum(len(t.images) for t in turns),
+                                              stop.max_tokens, sampling.n))
     require_model(services.bus, services.settings.model_wait_s)
     try:
-        specs = [TurnSpec(role=t.role, text=t.text, image_ids=_store_images(db, t.images))
-                 for t in turns]
-        job = _new_job(new_id("job"), JobSpec(turns=specs, sampling=sampling, stop=stop), utcnow())
-        db.add(job)
-        db.commit()
+        with admission(db, CHAT_QUEUE, jobs=1):
+            specs = [TurnSpec(role=t.role, text=t.text, image_ids=_store_images(db, t.images))
+                     for t in turns]
+            job = _new_job(new_id("job"), JobSpec(turns=specs, sampling=sampling, stop=stop), utcnow())
+            db.add(job)
+            count_submission(db, owner(), jobs=1, images=sum(len(t.images) for t in turns))
+            db.commit()
     except BaseException:
         db.rollback()
         raise
+    audit.note(job_ids=[job.id], image_sha256s=[image.sha256 for t in turns for image in t.images])
+    for t in turns:
+        audit.note(prompt=t.text)
     if before_enqueue is not None:
         before_enqueue(job)
     _enqueue(services, job)

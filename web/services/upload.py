@@ -21,9 +21,11 @@ from common.config import Settings
 from common.errors import ApiError
 from common.images import IMAGE_TOO_LARGE, ImageError, normalize_image
 from common.params import GenerationParams
+from common.queue import BATCH_QUEUE
 from common.schemas import BatchItemCreate
 from common.text import check_string
 from web.extensions import Services
+from web.quotas import charge, check_room, estimate_tokens
 from web.services.batches import BatchWriter, PreparedItem
 from web.services.submit import validation_context
 from web.services.workers import require_model
@@ -178,7 +180,9 @@ def create_upload_batch(db: Session, services: Services, stream: IO[bytes], boun
                 continue
             if writer is None:  # the first file: the text fields are complete
                 form = parse_form(fields, settings)
+                charge(requests=1, tokens=0)  # the tokens once the items are counted, at the end
                 require_model(services.bus, settings.model_wait_s)
+                check_room(db, BATCH_QUEUE, 1)  # no room at all: say so before the files are read
                 shown = form.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)
                 writer = BatchWriter(db, services.celery, source="upload", params=shown)
             if form is not None and (part.filename or part.size):  # an empty file input sends an empty part
@@ -187,7 +191,10 @@ def create_upload_batch(db: Session, services: Services, stream: IO[bytes], boun
             parse_form(fields, settings)  # a missing prompt is the first thing to say
         if writer is None or writer.total == 0:
             raise ApiError("invalid_request", "files: the upload has no image files; send them after the text fields.")
-        writer.commit()
+        writer.flush()
+        per_item = estimate_tokens(len(form.prompt), 1, form.max_tokens or settings.default_max_tokens) if form else 0
+        charge(requests=0, tokens=per_item * len(writer.queued_ids))
+        writer.admit()  # the caps, now that the count is known; a refusal deletes what was written
     except BaseException as exc:
         if writer is not None:
             writer.abort()
