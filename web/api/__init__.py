@@ -7,7 +7,7 @@ from flask import Blueprint, Flask
 bp = Blueprint("api", __name__, url_prefix="/api")
 
 # The route modules attach their views to ``bp`` on import.
-from web.api import access, batches, jobs, meta, sessions  # noqa: E402, F401
+from web.api import access, batches, jobs, meta, sessions, usage  # noqa: E402, F401
 
 
 def init_app(app: Flask) -> None:
