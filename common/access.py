@@ -41,3 +41,35 @@ class Ticket(BaseModel):
 
     ticket: str
     expires_in: int
+
+
+class UsageCounts(BaseModel):
+    """What was used: accepted requests, the jobs and images they stored, and the tokens the jobs spent."""
+
+    requests: int = 0
+    jobs: int = 0
+    images: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class UsageDayPublic(BaseModel):
+    """One key's use on one UTC day (requests, jobs and images on the day they came; tokens on the day each
+    job finished). ``key_id`` is ``-`` for the open gateway."""
+
+    day: str = Field(description="YYYY-MM-DD (UTC)")
+    key_id: str
+    key_prefix: str | None = None
+    key_name: str | None = None
+    tenant: str
+    usage: UsageCounts
+
+
+class UsageReport(BaseModel):
+    """``GET /api/usage``: the caller's key's days (an admin's: every key's), oldest first, and their sum."""
+
+    since: str | None = None
+    until: str | None = None
+    days: list[UsageDayPublic]
+    totals: UsageCounts

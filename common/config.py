@@ -114,6 +114,14 @@ class Settings(BaseSettings):
     log_dir: Path | None = Field(None, description="Where audit.log is written; default: DATA_DIR/logs.")
     audit_prompts: bool = Field(False, description="Write each prompt's text into the audit log (off: only its "
                                                    "length).")
+    audit_max_bytes: int = Field(100 * 1024 * 1024, gt=0, description="audit.log is rotated when it reaches "
+                                                                     "this size.")
+    audit_backups: int = Field(10, ge=0, description="Rotated audit logs kept (audit.log.1 … .N); older ones are "
+                                                     "deleted.")
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated addresses or CIDRs of reverse proxies whose X-Forwarded-For names the client "
+                    "in the audit log; empty: the connecting address is the client.")
     environment: str = Field("development", pattern="^(development|production)$",
                              description="'production' refuses known default passwords in the database URL.")
 
@@ -123,14 +131,14 @@ class Settings(BaseSettings):
     sse_keepalive_s: float = Field(10.0, gt=0, description="Comment lines on an SSE stream while the job waits.")
 
     @field_validator("allowed_media_domains", "allowed_media_networks", "bind_hosts", "cors_origins",
-                     mode="before")
+                     "trusted_proxies", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("allowed_media_networks")
+    @field_validator("allowed_media_networks", "trusted_proxies")
     @classmethod
     def _check_networks(cls, value: list[str]) -> list[str]:
         """Refuse a malformed CIDR at start-up rather than at the first image fetch."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner, Result
-from sqlalchemy import select
+from sqlalchemy import create_engine, func, select
 from werkzeug.formparser import parse_form_data
 
 from common.models import Batch, Job
@@ -238,3 +238,44 @@ def test_a_json_schema_tags_every_image_with_valid_json(stack: Stack, tmp_path: 
     bad = CliRunner().invoke(main, ["batch", str(folder), "-p", PROMPT, "-o", str(tmp_path / "x.jsonl"),
                                     "--server", stack.base, "--json", "--json-schema", str(schema), "-q"])
     assert bad.exit_code == 2 and "not both" in bad.output
+
+
+def test_api_key_goes_as_bearer_from_the_option_or_the_environment_and_a_401_says_why(stack: Stack, tmp_path: Path):
+    # A second web that requires keys, on its own database (the module's stack stays open for the other tests)
+    # and the stack's Redis, where the worker beats: the model is ready, so the upload itself is refused.
+    from sqlalchemy.orm import Session
+
+    from common.keys import create_key
+    from devtools.databases import fresh_database
+
+    database = next(fresh_database("sqlite", tmp_path))
+    with Session(engine := create_engine(database)) as db:
+        secret = create_key(db, "cli-team").secret
+    port = live.free_port()
+    env = {**stack.env, "VLGATE_DATABASE_URL": database, "VLGATE_AUTH": "required"}
+    keyed = live.web(port, env, stack.log_dir, name="web-keys").start()
+    server = f"http://127.0.0.1:{port}"
+    try:
+        live.wait_for_web(server)
+        add_images(tmp_path / "in", ["a.png"])
+        args = ["batch", str(tmp_path / "in"), "-p", PROMPT, "-o", str(tmp_path / "o.jsonl"), "--server", server, "-q"]
+        refused = CliRunner().invoke(main, args, env={"VLGATE_API_KEY": None})
+        assert refused.exit_code == 2, refused.output
+        assert "missing_api_key (HTTP 401): This server requires an API key" in refused.output
+        assert "--api-key or the VLGATE_API_KEY environment variable" in refused.output
+        wrong = CliRunner().invoke(main, [*args, "--api-key", "vlg_00000000_" + "x" * 43])
+        assert wrong.exit_code == 2 and "invalid_api_key (HTTP 401): The API key is not valid" in wrong.output
+        with engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(Job)).scalar() == 0  # nothing was stored
+
+        missing = "batch_" + "0" * 24  # the key gets past the gate: the answer is the batch's own 404
+        for command in (["status", missing], ["results", missing], ["cancel", missing]):
+            by_env = CliRunner().invoke(main, [*command, "--server", server], env={"VLGATE_API_KEY": secret})
+            assert by_env.exit_code == 2 and "batch_not_found" in by_env.output, by_env.output
+        by_option = CliRunner().invoke(main, ["status", missing, "--server", server, "--api-key", secret])
+        assert by_option.exit_code == 2 and "batch_not_found" in by_option.output
+        assert "missing_api_key" in CliRunner().invoke(main, ["status", missing, "--server", server],
+                                                       env={"VLGATE_API_KEY": None}).output
+    finally:
+        keyed.stop()
+        engine.dispose()

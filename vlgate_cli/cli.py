@@ -17,6 +17,10 @@ DEFAULT_SERVER = "http://127.0.0.1:8501"
 
 server_option = click.option("--server", default=DEFAULT_SERVER, show_default=True, metavar="URL",
                              help="Address of the vlgate web server.")
+api_key_option = click.option("--api-key", envvar="VLGATE_API_KEY", show_envvar=True, metavar="KEY",
+                              help="API key (vlg_…), sent as 'Authorization: Bearer'; needed when the server "
+                                   "requires keys. Prefer the environment variable: a command line is visible "
+                                   "to other users of the machine.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -33,6 +37,7 @@ main.add_command(keys)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Results file (JSONL). Rerunning with the same file resumes.")
 @server_option
+@api_key_option
 @click.option("--temperature", type=click.FloatRange(0, 2), help="0 = greedy. Server default 0.5.")
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Longest answer. Server default 512.")
 @click.option("--min-tokens", type=click.IntRange(min=0), help="Shortest answer.")
@@ -50,10 +55,10 @@ main.add_command(keys)
 @click.option("--cancel-on-exit", is_flag=True,
               help="On Ctrl-C cancel the batch on the server (default: leave it running and resume it next time).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def batch(directory: Path, prompt: str, out: Path, server: str, temperature: float | None, max_tokens: int | None,
-          min_tokens: int | None, top_p: float | None, top_k: int | None, repetition_penalty: float | None,
-          seed: int | None, stop: tuple[str, ...], json_schema: Path | None, json_object: bool, recursive: bool,
-          chunk: int, cancel_on_exit: bool, quiet: bool) -> None:
+def batch(directory: Path, prompt: str, out: Path, server: str, api_key: str | None, temperature: float | None,
+          max_tokens: int | None, min_tokens: int | None, top_p: float | None, top_k: int | None,
+          repetition_penalty: float | None, seed: int | None, stop: tuple[str, ...], json_schema: Path | None,
+          json_object: bool, recursive: bool, chunk: int, cancel_on_exit: bool, quiet: bool) -> None:
     """Describe every image in DIRECTORY; write one JSON line per image to --out.
 
     \b
@@ -77,7 +82,7 @@ def batch(directory: Path, prompt: str, out: Path, server: str, temperature: flo
         fields.append(("response_format", json.dumps(response_format)))
     options = BatchOptions(directory=directory, prompt=prompt, out=out, params=fields, recursive=recursive,
                            chunk=chunk, cancel_on_exit=cancel_on_exit, quiet=quiet)
-    sys.exit(BatchRun(options, Client(server)).run())
+    sys.exit(BatchRun(options, Client(server, api_key)).run())
 
 
 def _response_format(schema_file: Path | None, json_object: bool) -> dict | None:
@@ -101,10 +106,11 @@ def _response_format(schema_file: Path | None, json_object: bool) -> dict | None
 @main.command()
 @click.argument("batch_id")
 @server_option
+@api_key_option
 @click.option("--json", "as_json", is_flag=True, help="Print the server's answer as JSON.")
-def status(batch_id: str, server: str, as_json: bool) -> None:
+def status(batch_id: str, server: str, api_key: str | None, as_json: bool) -> None:
     """Show a batch's progress."""
-    batch = Client(server).batch(batch_id)
+    batch = Client(server, api_key).batch(batch_id)
     if as_json:
         click.echo(json.dumps(batch, indent=2))
         return
@@ -118,10 +124,11 @@ def status(batch_id: str, server: str, as_json: bool) -> None:
 @main.command()
 @click.argument("batch_id")
 @server_option
+@api_key_option
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "json"]), default="jsonl", show_default=True)
-def results(batch_id: str, server: str, fmt: str) -> None:
+def results(batch_id: str, server: str, api_key: str | None, fmt: str) -> None:
     """Print a batch's results, in input order, on stdout."""
-    with Client(server).raw_results(batch_id, fmt) as response:
+    with Client(server, api_key).raw_results(batch_id, fmt) as response:
         for block in response.iter_content(64 * 1024):
             sys.stdout.buffer.write(block)
     sys.stdout.flush()
@@ -130,9 +137,10 @@ def results(batch_id: str, server: str, fmt: str) -> None:
 @main.command()
 @click.argument("batch_id")
 @server_option
-def cancel(batch_id: str, server: str) -> None:
+@api_key_option
+def cancel(batch_id: str, server: str, api_key: str | None) -> None:
     """Cancel the items of a batch that have not run yet."""
-    batch = Client(server).cancel(batch_id)
+    batch = Client(server, api_key).cancel(batch_id)
     counts = batch.get("counts", {})
     click.echo(f"{batch['batch_id']}: {batch['status']} ({counts.get('succeeded', 0)} succeeded, "
                f"{counts.get('cancelled', 0)} cancelled, {counts.get('running', 0)} still stopping)")

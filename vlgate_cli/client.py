@@ -39,11 +39,15 @@ class ApiFailure(CliError):
 
 
 class Client:
-    """Calls the batch API of one vlgate server."""
+    """Calls the batch API of one vlgate server, with an API key if one is given."""
 
-    def __init__(self, server: str) -> None:
+    def __init__(self, server: str, api_key: str | None = None) -> None:
         self.base = server.rstrip("/")
         self.http = requests.Session()
+        key = (api_key or "").strip()
+        self.has_key = bool(key)
+        if key:
+            self.http.headers["Authorization"] = f"Bearer {key}"  # what every OpenAI client sends too
 
     def _call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", TIMEOUT)
@@ -55,7 +59,10 @@ class Client:
         except requests.Timeout as exc:
             raise Unreachable(f"the vlgate server at {self.base} did not answer in time ({_short(exc)})") from exc
         if response.status_code >= 400:
-            raise _failure(response)
+            failure = _failure(response)
+            if failure.status == 401 and not self.has_key:
+                failure.message += " (give the key with --api-key or the VLGATE_API_KEY environment variable)"
+            raise failure
         return response
 
     def health(self) -> dict[str, Any]:
@@ -63,8 +70,8 @@ class Client:
         try:
             return self._call("GET", "/api/health").json()
         except ApiFailure as failure:
-            if failure.status == 503 and failure.body and "workers" in failure.body:
-                return failure.body  # degraded or down: the report says why
+            if failure.status == 503 and failure.body and "status" in failure.body:
+                return failure.body  # degraded or down: the report says why (in detail to admin keys only)
             raise
 
     def create_batch(self, body: MultipartBody) -> dict[str, Any]:

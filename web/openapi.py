@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
+from common.access import UsageReport
 from common.config import Settings
 from common.errors import ERROR_STATUS
 from common.params import SERVER_LIMIT
@@ -74,6 +75,10 @@ _WAIT = ("wait", {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S},
          "Seconds to wait for every item to be final before answering 202 (a JSON body's `wait` wins).")
 _FORMAT = ("format", {"type": "string", "enum": ["json", "jsonl", "csv"], "default": "json"},
            "`json` (BatchResults), `jsonl` (one BatchItemResult per line) or `csv`.")
+_DAY = {"type": "string", "format": "date", "pattern": r"^\d{4}-\d{2}-\d{2}$"}
+_USAGE_QUERY = (("since", _DAY, "First day (UTC, included)."), ("until", _DAY, "Last day (UTC, included)."),
+                ("key_id", {"type": "string"}, "Only this key (admins; another key's id is admin_required)."),
+                ("tenant", {"type": "string"}, "Only this tenant (admins)."))
 _BATCH_ERRORS = ("invalid_json", "invalid_request", "payload_too_large", "unsupported_media_type", "model_not_loaded",
                  "service_unavailable")
 
@@ -156,6 +161,9 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("get", "/api/health", "Database, Redis, queue depths and worker heartbeats",
               {200: (HealthPublic, "Everything is up and a worker has the model loaded."),
                503: (HealthPublic, "Degraded or down; the same report says why.")}),
+    Operation("get", "/api/usage", "Requests, jobs, images and tokens per key per UTC day (admins: every key)",
+              {200: (UsageReport, "The caller's key's days, oldest first (an admin's: every key's), and the sum.")},
+              query_params=_USAGE_QUERY, errors=("invalid_request", "admin_required")),
     Operation("get", "/api/openapi.json", "This document", {200: ("application/json", "The OpenAPI document.")}),
     Operation("get", "/v1/models", "List the served model (OpenAI-compatible)", {200: (ModelList, "The model.")},
               error_model=OpenAIErrorResponse),

@@ -13,6 +13,7 @@ from common import jobs
 from common.errors import ApiError, error_body
 from common.ids import is_id
 from common.text import parse_json
+from web import audit
 from web.auth import recheck, visible
 from web.errors import error_parts
 from web.extensions import Services, services
@@ -59,7 +60,8 @@ class Connection:
             return
         kind = message.pop("type", None) if isinstance(message, dict) else None
         if kind == "chat":
-            self.chat(message)
+            with audit.turn():  # each turn is its own audit line
+                self.chat(message)
         elif kind == "cancel":
             self.cancel(str(message.get("job_id", "")))
         elif kind == "ping":
@@ -75,6 +77,7 @@ class Connection:
         """
         leave_cancels = body.pop("cancel_on_disconnect", False)
         if not isinstance(leave_cancels, bool):
+            audit.note(error="invalid_request")
             self.send(error_event("invalid_request", "cancel_on_disconnect: must be true or false"))
             return
         try:
@@ -82,7 +85,9 @@ class Connection:
             with self.svc.session_factory() as db:
                 submitted = submit_chat(db, self.svc, body)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error frame; the socket lives on
-            self.send(error_event(*error_parts(exc)))
+            code, message = error_parts(exc)
+            audit.note(error=code)
+            self.send(error_event(code, message))
             return
         job = submitted.job
         self.send({"type": "accepted", "job_id": job.id, "session_id": job.session_id})

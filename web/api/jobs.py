@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Response, jsonify
 
+from web import audit
 from web.api import bp
 from web.api.body import json_object
 from web.extensions import get_db, services
@@ -28,6 +29,7 @@ def chat() -> Response:
     wait_s = svc.settings.chat_wait_s if submitted.wait_s is None else submitted.wait_s
     job = wait_for(db, svc.bus, submitted.job.id, wait_s)
     if is_final(job):
+        audit.note_tokens(job)
         return jsonify(chat_response(job).model_dump())
     return _with_location(job.id, job_accepted(job).model_dump())
 
@@ -42,6 +44,7 @@ def create_job() -> Response:
     if submitted.wait_s:
         job = wait_for(db, svc.bus, job.id, submitted.wait_s)
         if is_final(job):
+            audit.note_tokens(job)
             return _with_location(job.id, job_public(job, svc.bus).model_dump(), status=200)
     return _with_location(job.id, job_accepted(job).model_dump())
 

@@ -8,6 +8,7 @@ from flask import Blueprint, Flask, Response, jsonify, request, stream_with_cont
 
 from common.errors import ApiError
 from common.schemas import MAX_WAIT_S
+from web import audit
 from web.api.body import json_object
 from web.extensions import get_db, services
 from web.openai.protocol import ModelCard, ModelList
@@ -63,6 +64,7 @@ def chat_completions() -> Response:
         if not is_final(job):  # nobody will read a later answer: free the slot
             cancel_job(db, svc.bus, job.id)
             raise ApiError("generation_timeout", f"No answer within {MAX_WAIT_S} s; the job was cancelled.")
+        audit.note_tokens(job)
         response = jsonify(completion(job, svc.settings).model_dump())
     response.headers["x-request-id"] = job.id
     return response

@@ -28,6 +28,8 @@ from common.jobspec import JobSpec, SamplingSpec, StopSpec, TurnSpec
 from common.models import Batch, Job
 from common.queue import BATCH_QUEUE, enqueue
 from common.schemas import BatchCounts, BatchCreate, BatchItemCreate, BatchLinks, BatchPublic
+from common.usage import count_submission
+from web import audit
 from web.auth import owned, owner
 from web.errors import validation_message
 from web.extensions import Services
@@ -80,6 +82,7 @@ class BatchWriter:
         self._pending: list[PreparedItem] = []
         self._pending_bytes = 0
         self._created = False
+        self.images = 0  # stored with the items, for usage accounting
         self.owner = owner()  # the caller's tenant and key, taken while the request is there
 
     def add(self, item: PreparedItem) -> None:
@@ -112,6 +115,8 @@ class BatchWriter:
     def _job(self, item: PreparedItem, index: int, now: Any) -> Job:
         """Build an item's job row: queued, or failed with its image's error."""
         image_ids = [store_image(self.db, image, self.owner["tenant"]) for image in item.images]
+        self.images += len(image_ids)
+        audit.note(image_sha256s=[image.sha256 for image in item.images], prompt=item.prompt)
         spec = JobSpec(turns=[TurnSpec(role="user", text=item.prompt, image_ids=image_ids)], sampling=item.sampling,
                        stop=item.stop)
         job = Job(id=new_id("job"), batch_id=self.batch_id, batch_index=index, prompt=item.prompt,
@@ -131,7 +136,9 @@ class BatchWriter:
         self.db.execute(update(Batch).where(Batch.id == self.batch_id).values(total=self.total))
         self.db.execute(update(Job).where(Job.batch_id == self.batch_id, Job.status == "queued")
                         .values(enqueued_at=utcnow()).execution_options(synchronize_session=False))
+        count_submission(self.db, self.owner, jobs=self.total, images=self.images)
         self.db.commit()
+        audit.note(batch_id=self.batch_id, jobs=self.total)
 
     def enqueue(self) -> None:
         """Send every queued item, in order, to the batch queue (after ``commit``)."""

@@ -20,6 +20,8 @@ from common.jobspec import JobSpec, SamplingSpec, StopSpec, TurnSpec
 from common.models import ChatSession, Job, Message, MessageImage
 from common.queue import CHAT_QUEUE, enqueue
 from common.schemas import ChatRequest
+from common.usage import count_submission
+from web import audit
 from web.auth import owned, owner
 from web.extensions import Services
 from web.quotas import admission, charge, estimate_tokens
@@ -127,7 +129,9 @@ def _store(db: Session, request: ChatRequest, images: list[NormalizedImage], set
                    sampling=sampling, stop=stop)
     job = _new_job(job_id, spec, now, session_id=session_id, user_message_id=message.id)
     db.add(job)
+    count_submission(db, owner(), jobs=1, images=len(images))
     db.commit()
+    audit.note(job_ids=[job_id], image_sha256s=[image.sha256 for image in images], prompt=request.prompt)
     return job
 
 
@@ -175,10 +179,14 @@ def submit_turns(db: Session, services: Services, turns: list[DraftTurn], sampli
                      for t in turns]
             job = _new_job(new_id("job"), JobSpec(turns=specs, sampling=sampling, stop=stop), utcnow())
             db.add(job)
+            count_submission(db, owner(), jobs=1, images=sum(len(t.images) for t in turns))
             db.commit()
     except BaseException:
         db.rollback()
         raise
+    audit.note(job_ids=[job.id], image_sha256s=[image.sha256 for t in turns for image in t.images])
+    for t in turns:
+        audit.note(prompt=t.text)
     if before_enqueue is not None:
         before_enqueue(job)
     _enqueue(services, job)

@@ -1,7 +1,8 @@
 // The vlgate chat page: status light, image upload, sliders, and a conversation streamed over WebSocket.
 // Plain ES modules, no build step: markdown.js (safe rendering), socket.js (connections), health.js
-// (the status light's logic); this module owns the page's state and the DOM.
+// (the status light's logic), auth.js (the key dialog); this module owns the page's state and the DOM.
 
+import { Access, errorOf, isAuthError } from "./auth.js";
 import { summarizeHealth } from "./health.js";
 import { renderMarkdown } from "./markdown.js";
 import { backoff, ChatSocket, parseEvent, RETRY_MIN_MS, wsUrl } from "./socket.js";
@@ -58,7 +59,12 @@ const state = {
   turn: null, // the generation in progress (see startTurn)
   restoring: false,
   health: null,
+  card: null, // GET /v1/models' card: the model's name when the health report is the status-only one
+  cardLoading: false,
+  keyId: null, // the key this page was started with (null in open mode)
 };
+const access = new Access();
+let chatSocket = null; // opened once the page may use the server (signed in, or open mode)
 
 // ---------------------------------------------------------------- small helpers
 
@@ -74,9 +80,12 @@ function storage(op, key, value) {
   return null;
 }
 
-/** Fetch JSON; never throws for HTTP errors, so callers can show the server's own message. */
+/**
+ * Fetch JSON; never throws for HTTP errors, so callers can show the server's own message. A 401 for the key
+ * opens the key dialog and sends the request again once signed in.
+ */
 async function api(path, options = {}) {
-  const res = await fetch(path, { headers: { Accept: "application/json" }, cache: "no-store", ...options });
+  const res = await access.fetch(path, { headers: { Accept: "application/json" }, cache: "no-store", ...options });
   let body = null;
   try {
     body = await res.json();
@@ -387,6 +396,12 @@ function onChatEvent(event) {
     if (turn.cancelRequested) chatSocket.trySend({ type: "cancel", job_id: turn.jobId });
     return;
   }
+  if (event.type === "error" && isAuthError(errorOf(event).code)) {
+    // The key was refused on this socket (revoked meanwhile): say so, and reconnect once signed in again.
+    if (turn && turn.via === "chat" && !turn.jobId) failTurn(turn, errorOf(event).message);
+    access.refused(errorOf(event).message).then(() => chatSocket.restart());
+    return;
+  }
   if (!turn || turn.via !== "chat") return;
   if (event.type === "error" && !event.job_id) {
     // Refused before acceptance (validation, image, no worker); a stale session starts over next time.
@@ -457,8 +472,37 @@ function closeFollower(turn) {
 
 // ---------------------------------------------------------------- status light
 
+/** Without an admin key the report is only {status, model_ready}: the light from those, the name from /v1. */
+function summarizeStatus(health, card, generating) {
+  const down = health.status === "down";
+  const [light, text] = down ? ["error", "服务异常 Service down"]
+    : !health.model_ready ? ["none", "模型未就绪 Model not ready"]
+    : generating ? ["busy", "生成中 Busy"] : ["ready", "就绪 Ready"];
+  const name = card?.label || card?.id;
+  return { light, text, model: name ? `模型 Model: ${name}` : "", device: "", memory: "", errors: [],
+           demo: card?.demo ? "Demo model: random weights, answers are random text" : null };
+}
+
+/** Read the served model's card once (it needs the key, so only when signed in or open). */
+async function loadModelCard() {
+  if (state.cardLoading || (state.card?.label && state.health?.model_ready)) return;
+  state.cardLoading = true;
+  try {
+    const response = await fetch("/v1/models", { headers: { Accept: "application/json" }, cache: "no-store" });
+    const body = response.ok ? await response.json() : null;
+    if (body?.data?.length) state.card = body.data[0];
+  } catch {
+    /* no name then; the light still works */
+  } finally {
+    state.cardLoading = false;
+  }
+  showHealth(state.health);
+}
+
 function showHealth(health) {
-  const summary = summarizeHealth(health, Boolean(state.turn));
+  const generating = Boolean(state.turn);
+  const summary = health && !Array.isArray(health.workers) ? summarizeStatus(health, state.card, generating)
+    : summarizeHealth(health, generating);
   ui.light.dataset.state = summary.light;
   ui.light.setAttribute("aria-label", summary.text);
   ui.statusText.textContent = summary.text;
@@ -478,12 +522,15 @@ let healthTimer = null;
 async function refreshHealth() {
   clearTimeout(healthTimer);
   try {
-    const { body } = await api("/api/health"); // 503 still carries the full report
-    state.health = body && Array.isArray(body.workers) ? body : null;
+    // 503 still carries the report: the full one for an admin (or in open mode), else the status only.
+    const response = await fetch("/api/health", { headers: { Accept: "application/json" }, cache: "no-store" });
+    const body = await response.json();
+    state.health = body && (Array.isArray(body.workers) || body.status) ? body : null;
   } catch {
     state.health = null;
   }
   showHealth(state.health);
+  if (state.health && !state.health.workers && (access.keyId || !access.required)) loadModelCard();
   clearTimeout(healthTimer); // an overlapping call may have armed one meanwhile: keep a single cycle
   healthTimer = setTimeout(refreshHealth, HEALTH_INTERVAL_MS);
 }
@@ -679,10 +726,23 @@ function setUpControls() {
 
 // ---------------------------------------------------------------- start
 
-const chatSocket = new ChatSocket(wsUrl("/ws/chat"), { onEvent: onChatEvent, onLost: onChatSocketLost });
+/** Signed out, or signed in with another key: start over (no socket or conversation of the old key stays). */
+function onKeyChanged(info) {
+  if (!chatSocket) return; // the page's first sign-in: it is still starting
+  const keyId = info?.signed_in ? info.key?.id : null;
+  if (keyId && keyId === state.keyId) return; // the same key again (the sign-in had expired): carry on
+  location.reload();
+}
+
 setUpSettings();
 setUpControls();
 setUpImageInputs();
 updateComposer();
 refreshHealth();
+access.onChange(onKeyChanged);
+await access.start(); // asks for the key first when the server requires one and this browser has none
+state.keyId = access.keyId;
+chatSocket = new ChatSocket(wsUrl("/ws/chat"), { onEvent: onChatEvent, onLost: onChatSocketLost,
+                                                   checkAccess: () => access.check() });
+refreshHealth(); // as this key sees it
 restoreSession();

@@ -1,6 +1,9 @@
 // vlgate batch page: collect images (file picker, folder picker, drag and drop), upload them as multipart
 // batches, follow progress, and fill the results table as items finish. Model answers are untrusted text:
-// everything from the server reaches the page through textContent, never innerHTML.
+// everything from the server reaches the page through textContent, never innerHTML. auth.js asks for the
+// API key when the server requires one; the sign-in cookie then goes with every request.
+
+import { Access, isAuthError } from "./auth.js";
 
 const THEME_KEY = "vlgate.theme"; // the chat page's key (app.js, theme.js)
 const IMAGE_NAME = /\.(png|jpe?g|bmp|webp|gif)$/i;
@@ -39,7 +42,9 @@ const state = {
   uploadNote: "",
   active: false,
   cancelled: false,
+  keyId: null, // the key the page was started with
 };
+const access = new Access();
 
 /** A failure the server (or the network) reported, in the API's {code, message} terms. */
 class ApiError extends Error {
@@ -51,11 +56,11 @@ class ApiError extends Error {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
-/** Call the JSON API; throw ApiError with the server's code and message on failure. */
+/** Call the JSON API (asking for the key again if it is refused); throw ApiError with the server's message. */
 async function api(method, url) {
   let response;
   try {
-    response = await fetch(url, { method, headers: { Accept: "application/json" } });
+    response = await access.fetch(url, { method, headers: { Accept: "application/json" } });
   } catch (err) {
     throw new ApiError("network_error", `服务器无响应 The server did not answer (${err.message})`);
   }
@@ -272,6 +277,20 @@ function uploadChunk(chunk, number, count) {
   });
 }
 
+/** Upload a chunk; a refused key opens the key dialog and the chunk goes again once signed in. */
+async function uploadSignedIn(chunk, number, count) {
+  for (;;) {
+    try {
+      return await uploadChunk(chunk, number, count);
+    } catch (err) {
+      if (!isAuthError(err.code)) throw err;
+      state.uploadNote = "";
+      renderProgress();
+      await access.refused(err.message);
+    }
+  }
+}
+
 /** The response_format for the JSON Schema box: null when empty; throws on text that is not a JSON object. */
 function responseFormat() {
   const text = ui.schema.value.trim();
@@ -314,7 +333,7 @@ async function start(event) {
     for (const [i, chunk] of chunks.entries()) {
       if (state.cancelled) break;
       chunk.forEach((_, j) => setRowStatus(state.rows[offset + j], "uploading"));
-      const body = await uploadChunk(chunk, i + 1, chunks.length);
+      const body = await uploadSignedIn(chunk, i + 1, chunks.length);
       track(body, offset);
       chunk.forEach((_, j) => setRowStatus(state.rows[offset + j], "queued"));
       offset += chunk.length;
@@ -419,6 +438,29 @@ function showFormError(message) {
 
 // ---- model status and theme ----
 
+/** The served model's card from /v1/models (needs the key), or null. */
+async function modelCard() {
+  try {
+    const response = await fetch("/v1/models", { headers: { Accept: "application/json" } });
+    return response.ok ? (await response.json()).data?.[0] || null : null;
+  } catch {
+    return null;
+  }
+}
+
+function showBanner(note) {
+  ui.banner.textContent = note;
+  ui.banner.hidden = !note;
+}
+
+/** Not an admin: the report is only {status, model_ready}; the model's name comes from /v1/models. */
+async function showStatusOnly(health) {
+  if (!health.model_ready) return showBanner("模型未加载 The model is not loaded yet.");
+  const card = await modelCard();
+  showBanner(card?.demo ? `演示模型，回答是随机文本 · ${card.label || card.id} · Demo model: answers are random text.`
+    : "");
+}
+
 async function showModelStatus() {
   let health;
   try {
@@ -427,6 +469,7 @@ async function showModelStatus() {
   } catch {
     return;
   }
+  if (!Array.isArray(health.workers)) return showStatusOnly(health);
   const ready = (health.workers || []).find((w) => w.loaded && w.state !== "error");
   let note = "";
   if (!health.model_ready || !ready) {
@@ -435,8 +478,7 @@ async function showModelStatus() {
   } else if (ready.is_demo) {
     note = `演示模型，回答是随机文本 · ${ready.model_label || ready.model} · Demo model: answers are random text.`;
   }
-  ui.banner.textContent = note;
-  ui.banner.hidden = !note;
+  showBanner(note);
 }
 
 function setupTheme() {
@@ -492,9 +534,24 @@ function setup() {
     event.preventDefault(); // leaving now would cut the upload short
     event.returnValue = "";
   });
+  access.onChange(onKeyChanged);
+}
+
+/** Signed out, or signed in with another key: reload, so nothing of the old key's batches stays on screen. */
+function onKeyChanged(info) {
+  const keyId = info?.signed_in ? info.key?.id : null;
+  if (state.keyId === undefined || (keyId && keyId === state.keyId)) return;
+  window.location.reload();
+}
+
+async function main() {
+  setup();
+  state.keyId = undefined; // starting: the first sign-in is expected
+  await access.start(); // asks for the key first when the server requires one and this browser has none
+  state.keyId = access.keyId;
   showModelStatus();
   const ids = new URLSearchParams(window.location.search).getAll("batch");
   if (ids.length) resume(ids);
 }
 
-setup();
+main();

@@ -23,12 +23,20 @@ export function backoff(ms) {
 
 export { RETRY_MIN_MS };
 
-/** One socket for every chat turn, reconnected with backoff whenever it closes. */
+/**
+ * One socket for every chat turn, reconnected with backoff whenever it closes.
+ *
+ * `checkAccess` (optional) is asked after a socket closes without ever opening: a server that refuses the
+ * key answers the handshake with HTTP 401, which browsers report as a bare close. It resolves true once a
+ * refused key was replaced (reconnect at once), false when the key was not the problem (back off as usual).
+ */
 export class ChatSocket {
-  constructor(url, { onEvent, onLost }) {
+  constructor(url, { onEvent, onLost, checkAccess = null }) {
     this.url = url;
     this.onEvent = onEvent;
     this.onLost = onLost; // called when an open (or opening) socket closes
+    this.checkAccess = checkAccess;
+    this.checking = false;
     this.ws = null;
     this.retryMs = RETRY_MIN_MS;
     this.retryTimer = null;
@@ -40,8 +48,10 @@ export class ChatSocket {
     clearTimeout(this.retryTimer);
     this.retryTimer = null;
     const ws = new WebSocket(this.url);
+    let opened = false;
     this.ws = ws;
     ws.onopen = () => {
+      opened = true;
       this.retryMs = RETRY_MIN_MS;
       for (const resolve of this.waiters.splice(0)) resolve();
     };
@@ -50,9 +60,35 @@ export class ChatSocket {
       if (this.ws !== ws) return;
       this.ws = null;
       this.onLost();
-      this.retryTimer = setTimeout(() => this.connect(), this.retryMs);
-      this.retryMs = backoff(this.retryMs);
+      this.retry(opened);
     };
+  }
+
+  async retry(opened) {
+    if (!opened && this.checkAccess && !this.checking) {
+      this.checking = true;
+      let replaced = false;
+      try {
+        replaced = await this.checkAccess();
+      } catch {
+        /* could not tell: retry as after any other failure */
+      } finally {
+        this.checking = false;
+      }
+      if (this.ws || this.retryTimer) return; // restarted meanwhile
+      if (replaced) return this.connect();
+    }
+    this.retryTimer = setTimeout(() => this.connect(), this.retryMs);
+    this.retryMs = backoff(this.retryMs);
+  }
+
+  /** Drop the current socket and open a new one now (the key it was opened with changed). */
+  restart() {
+    if (this.checking) return; // it reconnects by itself once the key question is settled
+    const ws = this.ws;
+    this.ws = null;
+    ws?.close();
+    this.connect();
   }
 
   isOpen() {
