@@ -1,6 +1,8 @@
 # vlgate application image: the web app, the Celery worker and the migrations share it.
 FROM python:3.11-slim
 
+# VLGATE_ENVIRONMENT=production: a web or worker started from this image refuses a well-known database
+# password (common/deployment.py); set it to development only on a machine nobody else can reach.
 # NVIDIA_DRIVER_CAPABILITIES: "utility" makes the NVIDIA runtime mount nvidia-smi, which the worker's
 # supervisor (scripts/supervise.py) asks for the GPUs the container sees, one worker process each.
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -9,6 +11,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/models \
     VLGATE_DATA_DIR=/data \
+    VLGATE_ENVIRONMENT=production \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 WORKDIR /app

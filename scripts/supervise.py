@@ -316,6 +316,16 @@ def describe_workers(programs: list[Program], device: str) -> str:
     return f"{len(gpus)} worker{'s' if len(gpus) > 1 else ''}, one per GPU ({', '.join(gpus)})"
 
 
+def refuse_unsafe(settings: Settings) -> None:
+    """Stop here, with the reason, rather than restart workers that refuse to start (common/deployment.py)."""
+    from common.deployment import UnsafeDeployment, check_deployment
+
+    try:
+        check_deployment(settings)
+    except UnsafeDeployment as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 @click.command()
 @click.option("--stop-timeout", type=float, default=290.0, show_default=True,
               help="Seconds a worker may take to finish its generation after SIGTERM before it is killed.")
@@ -325,6 +335,7 @@ def main(stop_timeout: float, loglevel: str) -> None:
     from common.config import Settings
 
     settings = Settings()
+    refuse_unsafe(settings)
     programs = plan_workers(settings, os.environ, cpu_node="worker", loglevel=loglevel)
     say(f"starting {describe_workers(programs, settings.device)}")
     supervisor = Supervisor(stop_timeout)

@@ -23,21 +23,40 @@ THIRD_PARTY = {"redis": None, "postgres": None, "prometheus": "monitoring", "gra
                "flower": "flower"}
 
 
-def _interpolate(value: Any) -> Any:
-    """Resolve compose's ${VAR:-default} / ${VAR-default} / ${VAR} as on a host that sets none of them."""
+# What an operator puts in .env: the secrets compose requires (${VAR:?message}) and nothing else.
+OPERATOR_ENV = {"POSTGRES_PASSWORD": "n0t-the-default-Pw", "VLGATE_ADMIN_KEY": "vlg_0a1b2c3d_" + "k" * 43}
+REQUIRED = re.compile(r"\$\{(\w+):?\?([^}]*)\}")
+
+
+class MissingVariable(Exception):
+    """Compose would refuse the file: a required variable is not set (its message is compose's)."""
+
+
+def _interpolate(value: Any, host: dict[str, str]) -> Any:
+    """Resolve compose's ${VAR:-default} / ${VAR-default} / ${VAR} / ${VAR:?error} as on a host that sets only
+    `host`; a required variable it lacks raises MissingVariable, as `docker compose` stops with that error."""
     if isinstance(value, str):
-        return re.sub(r"\$\{(\w+)(?::?-([^}]*))?\}", lambda m: m.group(2) or "", value)
+        def required(match: re.Match[str]) -> str:
+            if not host.get(match[1]):
+                raise MissingVariable(f"{match[1]}: {match[2]}")
+            return host[match[1]]
+        value = REQUIRED.sub(required, value)
+        return re.sub(r"\$\{(\w+)(?::?-([^}]*))?\}", lambda m: host.get(m[1]) or m[2] or "", value)
     if isinstance(value, list):
-        return [_interpolate(item) for item in value]
+        return [_interpolate(item, host) for item in value]
     if isinstance(value, dict):
-        return {key: _interpolate(item) for key, item in value.items()}
+        return {key: _interpolate(item, host) for key, item in value.items()}
     return value
+
+
+def _load(host: dict[str, str]) -> dict[str, Any]:
+    return _interpolate(yaml.safe_load((ROOT / "docker-compose.yml").read_text()), host)
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    """The compose file with YAML anchors merged and variables at their defaults."""
-    return _interpolate(yaml.safe_load((ROOT / "docker-compose.yml").read_text()))
+    """The compose file with YAML anchors merged, the required secrets set, other variables at their defaults."""
+    return _load(OPERATOR_ENV)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +136,43 @@ def test_postgres_has_healthcheck_and_credentials(services: dict[str, dict[str, 
     assert env["POSTGRES_USER"] and env["POSTGRES_PASSWORD"] and env["POSTGRES_DB"]
     assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
     assert any("/var/lib/postgresql/data" in str(volume) for volume in postgres["volumes"])
+
+
+def test_compose_refuses_to_start_without_the_database_password_and_the_admin_key() -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    for name in OPERATOR_ENV:
+        # Every use of a secret requires it: no default value anywhere (the old default password was 'vlgate').
+        uses = re.findall(rf"\$\{{{name}([^}}]*)\}}", text)
+        assert uses and all(re.fullmatch(r":\?.+", use) for use in uses), f"{name} must be ${{{name}:?message}}: {uses}"
+        with pytest.raises(MissingVariable, match=name):
+            _load({key: value for key, value in OPERATOR_ENV.items() if key != name})
+    assert _load(OPERATOR_ENV)  # both set: compose has what it needs
+
+
+def test_app_services_run_in_production_and_require_keys(services: dict[str, dict[str, Any]]) -> None:
+    from common.deployment import check_deployment
+
+    for name, service in _app_services(services).items():
+        env = _env(service)
+        settings = Settings(environment=env["VLGATE_ENVIRONMENT"], auth=env["VLGATE_AUTH"],
+                            database_url=env["VLGATE_DATABASE_URL"])
+        assert (settings.environment, settings.auth) == ("production", "required"), name
+        check_deployment(settings)  # the operator's password passes
+    # Only the web makes the bootstrap admin key; the workers never see it.
+    assert _env(services["web"])["VLGATE_ADMIN_KEY"] == OPERATOR_ENV["VLGATE_ADMIN_KEY"]
+    assert all("VLGATE_ADMIN_KEY" not in _env(service) for name, service in _app_services(services).items()
+               if name != "web")
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^\s+VLGATE_ENVIRONMENT=production\b", dockerfile, re.M), "the image runs as production"
+
+
+def test_production_refuses_the_compose_files_old_default_password() -> None:
+    from common.deployment import UnsafeDeployment, check_deployment
+
+    web = _env(_load({**OPERATOR_ENV, "POSTGRES_PASSWORD": "vlgate"})["services"]["web"])
+    assert urlsplit(web["VLGATE_DATABASE_URL"]).password == "vlgate"
+    with pytest.raises(UnsafeDeployment, match="well-known default password"):
+        check_deployment(Settings(environment=web["VLGATE_ENVIRONMENT"], database_url=web["VLGATE_DATABASE_URL"]))
 
 
 def test_migrate_runs_once_after_postgres(services: dict[str, dict[str, Any]]) -> None:

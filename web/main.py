@@ -10,22 +10,6 @@ from web.services.workers import model_label, ready_workers
 
 bp = Blueprint("main", __name__)
 
-# Defence in depth behind the page's own escaping: even if model text ever reached the DOM as
-# HTML, no inline script, inline handler (onerror=…) or foreign origin could run or be contacted.
-# 'self' covers same-origin ws:/wss: in current browsers; data:/blob: are the image previews.
-CONTENT_SECURITY_POLICY = "; ".join([
-    "default-src 'self'",
-    "script-src 'self'",
-    "style-src 'self'",
-    "img-src 'self' data: blob:",
-    "connect-src 'self'",
-    "object-src 'none'",
-    "base-uri 'none'",
-    "form-action 'self'",
-    "frame-ancestors 'none'",
-])
-
-
 def _current_model() -> str:
     """Return the model a ready worker serves, else the configured one (marked as not loaded)."""
     svc = services()
@@ -47,9 +31,7 @@ def index() -> Response:
         max_image_bytes=settings.max_image_bytes,
         max_tokens_limit=settings.max_tokens_limit,
     )
-    response = Response(html, mimetype="text/html")
-    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
-    response.headers["X-Content-Type-Options"] = "nosniff"
+    response = Response(html, mimetype="text/html")  # its security headers: web/security.py
     response.headers["Cache-Control"] = "no-cache"  # the page is tiny; always pick up a new app.js
     return response
 

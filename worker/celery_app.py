@@ -7,6 +7,7 @@ import logging
 from celery import signals
 
 from common.config import get_settings
+from common.deployment import check_deployment
 from common.logs import configure_logging
 from common.queue import RUN_JOB_TASK, make_celery
 from worker.service import WorkerService
@@ -14,6 +15,7 @@ from worker.service import WorkerService
 log = logging.getLogger(__name__)
 
 settings = get_settings()
+check_deployment(settings)  # production with a default database password: refuse to start
 app = make_celery(settings)
 _service: WorkerService | None = None
 
