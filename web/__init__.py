@@ -9,7 +9,7 @@ from flask import Flask
 
 from common.config import Settings, get_settings
 from common.logs import configure_logging
-from web import api, auth, batch_page, errors, extensions, main, metrics, quotas, security, ws
+from web import api, audit, auth, batch_page, errors, extensions, main, metrics, quotas, security, ws
 from web.openai import routes as openai_routes
 
 MIB = 1024 * 1024
@@ -30,6 +30,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False  # keep the schemas' field order in answers
     extensions.init_app(app, settings)
     svc = app.extensions[extensions.EXTENSION_KEY]
+    audit.init_app(app, settings)  # before auth: a refused request is audited with its latency too
     auth.init_app(app, settings, svc.session_factory, svc.redis)
     quotas.init_app(app, svc.redis, settings)
     security.init_app(app, settings)  # after auth and quotas: CORS, headers, body limits, production checks
