@@ -30,6 +30,7 @@ from tests import webfixtures
 from tests.webfixtures import ROOT, build_app, heartbeat, services_of
 from vlgate_cli.cli import main
 from web.auth import EXTENSION_KEY, PUBLIC_ENDPOINTS
+from web.openapi import openapi_document
 
 db_url, app, client = webfixtures.db_url, webfixtures.app, webfixtures.client
 
@@ -230,6 +231,26 @@ def test_only_admins_get_the_detailed_health_report(app: Flask, client: FlaskCli
         response = client.get("/api/health", headers=headers)
         assert response.status_code == 200 and response.get_json() == {"status": "ok", "model_ready": True}
         assert b"testhost" not in response.data and b"demo" not in response.data
+
+
+def test_the_document_asks_for_a_key_exactly_where_the_gate_does(app: Flask) -> None:
+    document = openapi_document()
+    assert set(document["components"]["securitySchemes"]) == {"bearer", "apiKey", "cookie"}
+    checked = 0
+    for rule in app.url_map.iter_rules():
+        path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule)
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            operation = document["paths"].get(path, {}).get(method.lower())
+            if operation is None:  # the pages, WebSockets, /metrics: not part of the JSON API's document
+                assert not path.startswith(("/api/", "/v1/")), f"{method} {path} is not documented"
+                continue
+            public = rule.endpoint in PUBLIC_ENDPOINTS
+            assert ({} in operation["security"]) == public, (method, path)
+            assert {next(iter(s), None) for s in operation["security"]} - {None} == {"bearer", "apiKey", "cookie"}
+            if not public:
+                assert "missing_api_key" in operation["responses"]["401"]["description"], (method, path)
+            checked += 1
+    assert checked >= 15
 
 
 # -- the bootstrap admin key -----------------------------------------------------------------------

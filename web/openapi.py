@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from common.access import UsageReport
+from common.access import LoginRequest, Ticket, UsageReport, WhoAmI
 from common.config import Settings
 from common.errors import ERROR_STATUS
 from common.params import SERVER_LIMIT
@@ -30,6 +30,7 @@ from common.schemas import (
     SessionDeleted,
     SessionPublic,
 )
+from web.auth import COOKIE
 from web.openai.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -64,6 +65,21 @@ class Operation:
     stream_models: tuple[type[BaseModel], ...] = ()  # a 200 ``text/event-stream``: what each event's data holds
     location: str = "The job's URL."
     error_model: type[BaseModel] = ErrorResponse  # /v1 answers errors in OpenAI's shape
+    public: bool = False  # answers without a key (web.auth.PUBLIC_ENDPOINTS); a key sent still identifies the caller
+    body_required: bool = True
+
+
+# Sent by every operation that needs a key (when keys are required: docs/security.md); any one of them will do.
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "vlg_<8 hex>_<43 characters>",
+               "description": "An API key as `Authorization: Bearer <key>` (what OpenAI clients send)."},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "The same key in `X-API-Key`."},
+    "cookie": {"type": "apiKey", "in": "cookie", "name": COOKIE,
+               "description": "The pages' sign-in, set by `POST /api/auth/login` (HttpOnly, SameSite=Strict)."},
+}
+KEY_REQUIRED: list[dict[str, list[str]]] = [{name: []} for name in SECURITY_SCHEMES]
+KEY_OPTIONAL: list[dict[str, list[str]]] = [{}, *KEY_REQUIRED]  # ``{}``: no key at all is fine too
+AUTH_ERRORS = ("missing_api_key", "invalid_api_key", "key_revoked", "key_expired")
 
 
 _SUBMIT_ERRORS = (
@@ -117,6 +133,9 @@ def _batch_body(ref: Ref) -> dict[str, Any]:
     return {**_json_batch(ref), "multipart/form-data": {"schema": upload}}
 
 
+_KEY_ERRORS = ("invalid_json", "invalid_request", "unsupported_media_type", "payload_too_large", "invalid_api_key",
+               "key_revoked", "key_expired")
+
 OPERATIONS: tuple[Operation, ...] = (
     Operation("post", "/api/chat", "Ask about images and wait for the answer (seed-compatible)",
               {200: (ChatResponse, "The finished answer (also when cancelled)."),
@@ -158,13 +177,25 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("delete", "/api/batches/{batch_id}", "Cancel what has not run of a batch",
               {200: (BatchPublic, "The batch after the cancellation.")},
               errors=("batch_not_found", "service_unavailable"), path_params=("batch_id",)),
-    Operation("get", "/api/health", "Database, Redis, queue depths and worker heartbeats",
+    Operation("get", "/api/health", "Database, Redis, queue depths and worker heartbeats (all of it for admins; "
+              "`status` and `model_ready` for everyone else)",
               {200: (HealthPublic, "Everything is up and a worker has the model loaded."),
-               503: (HealthPublic, "Degraded or down; the same report says why.")}),
+               503: (HealthPublic, "Degraded or down; the same report says why.")}, public=True),
     Operation("get", "/api/usage", "Requests, jobs, images and tokens per key per UTC day (admins: every key)",
               {200: (UsageReport, "The caller's key's days, oldest first (an admin's: every key's), and the sum.")},
               query_params=_USAGE_QUERY, errors=("invalid_request", "admin_required")),
-    Operation("get", "/api/openapi.json", "This document", {200: ("application/json", "The OpenAPI document.")}),
+    Operation("get", "/api/openapi.json", "This document", {200: ("application/json", "The OpenAPI document.")},
+              public=True),
+    Operation("get", "/api/auth/whoami", "Whether this server requires keys, and which key this request carries",
+              {200: (WhoAmI, "The mode, and the key (by prefix) if one came and works.")}, public=True),
+    Operation("post", "/api/auth/login", "Sign the pages in with a key (in the body, or a header)",
+              {200: (WhoAmI, "Signed in: the `vlgate_session` cookie (HttpOnly, SameSite=Strict) is set.")},
+              request=LoginRequest, body_required=False, errors=_KEY_ERRORS, public=True),
+    Operation("post", "/api/auth/logout", "Forget this browser's sign-in",
+              {200: (WhoAmI, "Signed out: the cookie is cleared.")}, errors=("payload_too_large",), public=True),
+    Operation("post", "/api/auth/ticket", "A one-use ticket that opens one WebSocket as the caller (`?ticket=`)",
+              {200: (Ticket, "The ticket and its lifetime in seconds.")},
+              errors=("invalid_request", "payload_too_large")),
     Operation("get", "/v1/models", "List the served model (OpenAI-compatible)", {200: (ModelList, "The model.")},
               error_model=OpenAIErrorResponse),
     Operation("get", "/v1/models/{model_id}", "Describe the served model (OpenAI-compatible)",
@@ -236,7 +267,7 @@ def _operation(op: Operation, refs: dict[tuple[type[BaseModel], JsonSchemaMode],
         responses[str(status)] = answer
     error_ref = refs[(op.error_model, "serialization")]
     by_status: dict[int, list[str]] = {}
-    for code in (*op.errors, "internal_error"):
+    for code in (*op.errors, *(() if op.public else AUTH_ERRORS), "internal_error"):
         by_status.setdefault(ERROR_STATUS[code], []).append(code)
     for status, codes in sorted(by_status.items()):
         if str(status) not in responses:
@@ -245,6 +276,7 @@ def _operation(op: Operation, refs: dict[tuple[type[BaseModel], JsonSchemaMode],
         "summary": op.summary,
         "operationId": f"{op.method}_{op.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
         "responses": responses,
+        "security": KEY_OPTIONAL if op.public else KEY_REQUIRED,
     }
     parameters = [
         {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in op.path_params
@@ -256,7 +288,7 @@ def _operation(op: Operation, refs: dict[tuple[type[BaseModel], JsonSchemaMode],
     if parameters:
         spec["parameters"] = parameters
     if op.request is not None:
-        spec["requestBody"] = {"required": True, "content": _content(refs[(op.request, "validation")])}
+        spec["requestBody"] = {"required": op.body_required, "content": _content(refs[(op.request, "validation")])}
     elif op.body is not None:
         spec["requestBody"] = {"required": True, "content": op.body(lambda model: refs[(model, "validation")])}
     return spec
@@ -293,10 +325,12 @@ def _generated() -> dict[str, Any]:
             "version": API_VERSION,
             "description": "Private gateway for Qwen3-VL. Every /api error is {\"error\": {\"code\", \"message\"}}; "
                            "/v1 is OpenAI-compatible and answers errors as {\"error\": {\"message\", \"type\", "
-                           "\"param\", \"code\"}}. No string may contain NUL (U+0000) or a lone surrogate.",
+                           "\"param\", \"code\"}}. No string may contain NUL (U+0000) or a lone surrogate. "
+                           "When keys are required (docs/security.md), an operation that lists `security` needs an "
+                           "API key; without a working one it answers 401. Another tenant's id is a 404.",
         },
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {"schemas": components, "securitySchemes": SECURITY_SCHEMES},
     }
     for schema in _objects(document):
         if schema.get("type") in ("integer", "number"):
