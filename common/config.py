@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +13,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
 DEMO_MODEL = "demo"
+WINDOW = re.compile(r"[0-9]{1,6}[smhd]")  # a /v1 batch completion window: "24h", "30m", "10s", "7d"
+WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class Settings(BaseSettings):
@@ -125,6 +128,21 @@ class Settings(BaseSettings):
     environment: str = Field("development", pattern="^(development|production)$",
                              description="'production' refuses known default passwords in the database URL.")
 
+    # OpenAI Batch API (/v1/files, /v1/batches; docs/openai.md "Batch API")
+    files_dir: Path | None = Field(None, description="Where /v1 files are stored; default: DATA_DIR/files.")
+    max_file_bytes: int = Field(200 * 1024 * 1024, gt=0, description="Largest /v1/files upload.")
+    batch_max_lines: int = Field(50_000, gt=0, description="Most requests in one /v1 batch input file.")
+    batch_windows: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["24h"],
+        description="Comma-separated completion windows /v1/batches accepts, each a number and s, m, h or d.")
+    batch_lease_s: float = Field(30.0, gt=0, description="A web process validating or finishing a /v1 batch holds "
+                                                         "it this long between renewals; one that died loses it.")
+    batch_keeper_interval_s: float = Field(1.0, gt=0, description="How often each web process looks for /v1 "
+                                                                  "batches to validate, finish or expire.")
+    batch_validators: int = Field(2, gt=0, description="/v1 batches one web process validates at once.")
+    batch_max_attempts: int = Field(3, gt=0, description="Validations of one /v1 batch before it fails (a file "
+                                                         "that kills its validator is not retried forever).")
+
     # OpenAI-compatible API
     served_model_name: str | None = Field(None, description="The model id /v1 reports; default: VLGATE_MODEL.")
     max_choices: int = Field(4, gt=0, le=16, description="Largest `n` a /v1 request may ask for.")
@@ -145,6 +163,16 @@ class Settings(BaseSettings):
         for cidr in value:
             ipaddress.ip_network(cidr, strict=False)
         return value
+
+    @field_validator("batch_windows", mode="before")
+    @classmethod
+    def _check_windows(cls, value: object) -> object:
+        """Split the comma-separated list; refuse a window that is not a number of seconds, minutes, hours or days."""
+        windows = [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+        for window in windows if isinstance(windows, list) else []:
+            if not isinstance(window, str) or not WINDOW.fullmatch(window) or int(window[:-1]) == 0:
+                raise ValueError(f"batch window {window!r}: use a number and s, m, h or d, like '24h'")
+        return windows
 
     @field_validator("device")
     @classmethod
@@ -169,6 +197,11 @@ class Settings(BaseSettings):
     def log_path(self) -> Path:
         """Return where the audit log lives."""
         return self.log_dir or self.data_dir / "logs"
+
+    @property
+    def files_path(self) -> Path:
+        """Return where /v1 files are stored."""
+        return self.files_dir or self.data_dir / "files"
 
     @property
     def demo_dir(self) -> Path:

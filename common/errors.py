@@ -18,6 +18,7 @@ ERROR_STATUS: dict[str, int] = {
     "session_not_found": 404,
     "job_not_found": 404,
     "batch_not_found": 404,
+    "file_not_found": 404,
     "method_not_allowed": 405,
     "conflict": 409,
     "missing_api_key": 401,
