@@ -39,7 +39,8 @@ NOT_TENANT_OWNED = {"openai.read_model": "the served model is the same for every
 # another tenant gets). Keyed by the segment too: /v1's ids (files, batches) are other things than /api's.
 FILL = {("api", "job_id"): ("jobs", "job_not_found"), ("api", "session_id"): ("sessions", "session_not_found"),
         ("api", "batch_id"): ("batches", "batch_not_found"), ("api", "image_id"): ("images", "not_found"),
-        ("ws", "job_id"): ("jobs", "job_not_found")}
+        ("ws", "job_id"): ("jobs", "job_not_found"), ("v1", "file_id"): ("files", "file_not_found"),
+        ("v1", "batch_id"): ("openai_batches", "batch_not_found")}
 RESULT_FORMATS = ("", "?format=json", "?format=jsonl", "?format=csv")  # every GET is tried with each
 
 
@@ -98,6 +99,22 @@ def upload_batch(client: FlaskClient, headers: dict[str, str]) -> str:
     return response.get_json()["batch_id"]
 
 
+def openai_batch(client: FlaskClient, headers: dict[str, str]) -> tuple[str, str]:
+    """Upload a /v1 batch input file and start a batch of it; return (file id, batch id). No keeper runs in a test
+    app (gunicorn starts it), so the batch rests in ``validating``."""
+    line = {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}}
+    jsonl = io.BytesIO(json.dumps(line).encode() + b"\n")
+    uploaded = client.post("/v1/files", headers=headers, content_type="multipart/form-data",
+                           data={"purpose": "batch", "file": (jsonl, "in.jsonl")})
+    assert uploaded.status_code == 200, uploaded.get_json()
+    file_id = uploaded.get_json()["id"]
+    made = client.post("/v1/batches", headers=headers, json={"input_file_id": file_id, "completion_window": "24h",
+                                                             "endpoint": "/v1/chat/completions"})
+    assert made.status_code == 200, made.get_json()
+    return file_id, made.get_json()["id"]
+
+
 @pytest.fixture
 def world(app: Flask, client: FlaskClient) -> World:
     """Tenant A has a running chat job (with a streamed token) in a session with an image, a JSON batch and an
@@ -117,6 +134,9 @@ def world(app: Flask, client: FlaskClient) -> World:
         items_ids = list(db.scalars(select(Job.id).where(Job.batch_id.in_([batch, uploaded])).order_by(Job.id)))
     world.things = {"jobs": [job["job_id"], *items_ids], "sessions": [job["session_id"]],
                     "batches": [batch, uploaded], "images": session["messages"][0]["image_ids"]}
+    if "openai_batches.upload_file" in app.view_functions:  # the /v1 Batch API
+        file_id, openai_batch_id = openai_batch(client, mine)
+        world.things.update(files=[file_id], openai_batches=[openai_batch_id])
     assert all(world.things.values()) and len(items_ids) == 4
     return world
 
