@@ -45,10 +45,16 @@ def when_ready(server: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """Answer the errors gunicorn gives itself (URL too long, headers too large) in vlgate's JSON shape."""
+    """Answer the errors gunicorn gives itself (URL too long, headers too large) in vlgate's JSON shape, and start
+    this worker's keeper of /v1 batches (web/openai/batch_keeper.py)."""
+    from flask import Flask
+
+    from web.openai.batch_keeper import start_keeper
     from web.server import use_json_errors
 
     use_json_errors()
+    if isinstance(getattr(worker, "wsgi", None), Flask):
+        start_keeper(worker.wsgi)
 
 
 def child_exit(server: Any, worker: Any) -> None:

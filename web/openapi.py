@@ -31,6 +31,17 @@ from common.schemas import (
     SessionPublic,
 )
 from web.auth import COOKIE
+from web.openai.batch_protocol import (
+    MAX_EXPIRY_S,
+    MIN_EXPIRY_S,
+    UPLOAD_PURPOSES,
+    BatchCreateRequest,
+    BatchList,
+    BatchObject,
+    FileDeleted,
+    FileList,
+    FileObject,
+)
 from web.openai.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -133,6 +144,31 @@ def _batch_body(ref: Ref) -> dict[str, Any]:
     return {**_json_batch(ref), "multipart/form-data": {"schema": upload}}
 
 
+def _file_upload(_ref: Ref) -> dict[str, Any]:
+    """A file upload: the file, its purpose, and optionally when it expires (both parts of expires_after)."""
+    properties = {
+        "file": {"type": "string", "format": "binary", "description": "The JSON Lines file."},
+        "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES)},
+        "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+        "expires_after[seconds]": {"type": "integer", "minimum": MIN_EXPIRY_S, "maximum": MAX_EXPIRY_S},
+    }
+    upload = {"type": "object", "required": ["file", "purpose"], "properties": properties,
+              "additionalProperties": False,
+              "dependentRequired": {"expires_after[anchor]": ["expires_after[seconds]"],
+                                    "expires_after[seconds]": ["expires_after[anchor]"]}}
+    return {"multipart/form-data": {"schema": upload}}
+
+
+def _page(most: int) -> tuple[tuple[str, dict[str, Any], str], ...]:
+    """The cursor paging parameters of a /v1 list."""
+    return (("after", {"type": "string", "minLength": 1, "maxLength": 64}, "The last id of the previous page."),
+            ("limit", {"type": "integer", "minimum": 1, "maximum": most}, "Objects per page."),
+            ("order", {"type": "string", "enum": ["asc", "desc"], "default": "desc"}, "By creation time."))
+
+
+_PURPOSE = ("purpose", {"type": "string", "enum": ["batch", "batch_output"]}, "Only files of this purpose.")
+
+
 _KEY_ERRORS = ("invalid_json", "invalid_request", "unsupported_media_type", "payload_too_large", "invalid_api_key",
                "key_revoked", "key_expired")
 
@@ -210,6 +246,35 @@ OPERATIONS: tuple[Operation, ...] = (
                       "image_too_large", "payload_too_large", "unsupported_media_type", "model_not_found",
                       "model_not_loaded", "service_unavailable", "generation_failed", "context_length_exceeded",
                       "worker_lost", "generation_timeout")),
+    # The Batch API (OpenAI-compatible): files, and batches of chat completions read from them.
+    Operation("post", "/v1/files", "Upload a batch input file (multipart, streamed to disk)",
+              {200: (FileObject, "The stored file.")}, body=_file_upload, error_model=OpenAIErrorResponse,
+              errors=("invalid_request", "payload_too_large", "unsupported_media_type")),
+    Operation("get", "/v1/files", "List files, newest first, a page at a time",
+              {200: (FileList, "One page; `after` = the last id for the next.")},
+              query_params=(*_page(10_000), _PURPOSE), error_model=OpenAIErrorResponse,
+              errors=("invalid_request", "file_not_found")),
+    Operation("get", "/v1/files/{file_id}", "Describe a file", {200: (FileObject, "The file.")},
+              path_params=("file_id",), error_model=OpenAIErrorResponse, errors=("file_not_found",)),
+    Operation("get", "/v1/files/{file_id}/content", "Download a file's bytes",
+              {200: ("application/octet-stream", "The file, as uploaded or as the batch wrote it (JSON Lines).")},
+              path_params=("file_id",), error_model=OpenAIErrorResponse, errors=("file_not_found",)),
+    Operation("delete", "/v1/files/{file_id}", "Delete a file", {200: (FileDeleted, "Deleted.")},
+              path_params=("file_id",), error_model=OpenAIErrorResponse, errors=("file_not_found",)),
+    Operation("post", "/v1/batches", "Create a batch of chat completions from an uploaded file (starts validating)",
+              {200: (BatchObject, "The batch, `validating`.")}, request=BatchCreateRequest,
+              error_model=OpenAIErrorResponse,
+              errors=("invalid_json", "invalid_request", "unsupported_media_type", "payload_too_large",
+                      "file_not_found")),
+    Operation("get", "/v1/batches", "List batches, newest first, a page at a time",
+              {200: (BatchList, "One page; `after` = the last id for the next.")}, query_params=_page(100),
+              error_model=OpenAIErrorResponse, errors=("invalid_request", "batch_not_found")),
+    Operation("get", "/v1/batches/{batch_id}", "Read a batch: status, counts (live while it runs), files, errors",
+              {200: (BatchObject, "The batch.")}, path_params=("batch_id",), error_model=OpenAIErrorResponse,
+              errors=("batch_not_found",)),
+    Operation("post", "/v1/batches/{batch_id}/cancel", "Cancel a validating or in_progress batch",
+              {200: (BatchObject, "The batch, `cancelling` (or already `cancelled`).")}, path_params=("batch_id",),
+              error_model=OpenAIErrorResponse, errors=("batch_not_found", "conflict")),
 )
 
 

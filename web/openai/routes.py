@@ -11,6 +11,7 @@ from common.schemas import MAX_WAIT_S
 from web import audit
 from web.api.body import json_object
 from web.extensions import get_db, services
+from web.openai import batch_routes
 from web.openai.protocol import ModelCard, ModelList
 from web.openai.serving import completion, model_cards, parse_request, submit_completion
 from web.openai.sse import CompletionStream
@@ -71,5 +72,6 @@ def chat_completions() -> Response:
 
 
 def init_app(app: Flask) -> None:
-    """Register the OpenAI-compatible API."""
+    """Register the OpenAI-compatible API (and its Batch API: files and batches)."""
     app.register_blueprint(bp)
+    batch_routes.init_app(app)

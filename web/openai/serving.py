@@ -63,25 +63,34 @@ def _pixel_budget(image: ImageURL, settings: Settings, where: str) -> int:
     return min(budget, settings.max_image_pixels)
 
 
+def _check_url(image: ImageURL, where: str) -> None:
+    """Refuse an image URL that is neither a data: URL nor http(s)."""
+    if not image.url.startswith(("data:", "http://", "https://")):
+        raise ApiError("invalid_image_url", f"{where}.url: use a data: URL (base64) or an http(s) URL.",
+                       param=f"{where}.url")
+
+
 def _image(image: ImageURL, settings: Settings, where: str) -> NormalizedImage:
     """Decode a data: URL or fetch an allowlisted http(s) URL, then normalise it like every image."""
     budget = _pixel_budget(image, settings, where)
+    _check_url(image, where)
     if image.url.startswith("data:"):
         return image_from_base64(image.url, max_bytes=settings.max_image_bytes, max_pixels=budget)
-    if image.url.startswith(("http://", "https://")):
-        try:
-            raw = fetch_image(image.url, settings)
-        except ApiError as exc:
-            exc.param = exc.param or f"{where}.url"
-            raise
-        return normalize_image(raw, max_bytes=settings.max_image_bytes, max_pixels=budget)
-    raise ApiError("invalid_image_url", f"{where}.url: use a data: URL (base64) or an http(s) URL.",
-                   param=f"{where}.url")
+    try:
+        raw = fetch_image(image.url, settings)
+    except ApiError as exc:
+        exc.param = exc.param or f"{where}.url"
+        raise
+    return normalize_image(raw, max_bytes=settings.max_image_bytes, max_pixels=budget)
 
 
-def draft_turns(messages: list[ChatMessage], settings: Settings) -> list[DraftTurn]:
-    """Turn OpenAI messages into the turns the model sees, decoding every image (a bad one is a 400)."""
-    turns, count = [], 0
+def draft_turns(messages: list[ChatMessage], settings: Settings, decode: bool = True) -> list[DraftTurn]:
+    """Turn OpenAI messages into the turns the model sees, decoding every image (a bad one is a 400).
+
+    With ``decode`` off, image URLs are checked (scheme, pixel budget) but neither fetched nor decoded, and the
+    turns carry no images: how a batch checks every line's shape before it reads any image.
+    """
+    turns, count, user_images = [], 0, 0
     for m, message in enumerate(messages):
         texts, images = [], []
         for p, part in enumerate(message.content if isinstance(message.content, list) else []):
@@ -92,7 +101,13 @@ def draft_turns(messages: list[ChatMessage], settings: Settings) -> list[DraftTu
             if count > settings.max_images_per_request:
                 raise ApiError("invalid_request", f"messages: more than {settings.max_images_per_request} images",
                                param="messages")
-            images.append(_image(part.image_url, settings, f"messages.{m}.content.{p}.image_url"))
+            where = f"messages.{m}.content.{p}.image_url"
+            if decode:
+                images.append(_image(part.image_url, settings, where))
+            else:
+                _pixel_budget(part.image_url, settings, where)
+                _check_url(part.image_url, where)
+            user_images += message.role == "user"
         if isinstance(message.content, str):
             texts.append(message.content)
         text = "\n".join(texts)
@@ -101,7 +116,7 @@ def draft_turns(messages: list[ChatMessage], settings: Settings) -> list[DraftTu
                                               f"{settings.max_prompt_chars}", param=f"messages.{m}.content")
         role = "system" if message.role == "developer" else message.role
         turns.append(DraftTurn(role=role, text=text, images=images))
-    if not any(t.text.strip() or t.images for t in turns if t.role == "user"):
+    if not user_images and not any(t.text.strip() for t in turns if t.role == "user"):
         raise ApiError("invalid_request", "messages: at least one user message with text or an image is needed",
                        param="messages")
     return turns
