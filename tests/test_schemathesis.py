@@ -141,6 +141,9 @@ def _upload_holds(form: dict[str, Any]) -> bool:
 def follows_documented_rules(case: Case, settings: Settings) -> bool:
     """Tell whether a body keeps the rules its fields' descriptions state."""
     body = case.body
+    query = case.query or {}
+    if case.path == "/api/usage" and isinstance(query.get("since"), str) and isinstance(query.get("until"), str):
+        return query["since"] <= query["until"]  # documented: since must not be after until (ISO dates sort)
     if case.path.startswith("/v1/"):
         return _completion_holds(body, settings) if isinstance(body, dict) else True
     if case.media_type == "multipart/form-data":

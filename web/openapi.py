@@ -103,7 +103,8 @@ _WAIT = ("wait", {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S},
 _FORMAT = ("format", {"type": "string", "enum": ["json", "jsonl", "csv"], "default": "json"},
            "`json` (BatchResults), `jsonl` (one BatchItemResult per line) or `csv`.")
 _DAY = {"type": "string", "format": "date", "pattern": r"^\d{4}-\d{2}-\d{2}$"}
-_USAGE_QUERY = (("since", _DAY, "First day (UTC, included)."), ("until", _DAY, "Last day (UTC, included)."),
+_USAGE_QUERY = (("since", _DAY, "First day (UTC, included); not after `until`."),
+                ("until", _DAY, "Last day (UTC, included)."),
                 ("key_id", {"type": "string"}, "Only this key (admins; another key's id is admin_required)."),
                 ("tenant", {"type": "string"}, "Only this tenant (admins)."))
 _BATCH_ERRORS = ("invalid_json", "invalid_request", "payload_too_large", "unsupported_media_type", "model_not_loaded",
@@ -230,8 +231,8 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("post", "/api/auth/logout", "Forget this browser's sign-in",
               {200: (WhoAmI, "Signed out: the cookie is cleared.")}, errors=("payload_too_large",), public=True),
     Operation("post", "/api/auth/ticket", "A one-use ticket that opens one WebSocket as the caller (`?ticket=`)",
-              {200: (Ticket, "The ticket and its lifetime in seconds.")},
-              errors=("invalid_request", "payload_too_large")),
+              {200: (Ticket, "The ticket and its lifetime in seconds; 409 `conflict` while the server runs open.")},
+              errors=("conflict", "payload_too_large")),
     Operation("get", "/v1/models", "List the served model (OpenAI-compatible)", {200: (ModelList, "The model.")},
               error_model=OpenAIErrorResponse),
     Operation("get", "/v1/models/{model_id}", "Describe the served model (OpenAI-compatible)",

@@ -65,7 +65,7 @@ def ticket() -> Response:
     """Return a one-use, short-lived ticket that opens one WebSocket as the caller (``?ticket=…``)."""
     principal = current()
     if principal.key_id is None:  # open gateway: sockets need nothing
-        raise ApiError("invalid_request", "This server runs open; WebSockets need no ticket.")
+        raise ApiError("conflict", "This server runs open: WebSockets need no ticket.")
     the_gate = gate()
     return jsonify(Ticket(ticket=the_gate.issue_ticket(principal.key_id),
                           expires_in=the_gate.settings.ws_ticket_ttl_s).model_dump())
