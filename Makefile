@@ -48,6 +48,7 @@ bench: dev
 	$(PY) -m bench.stream
 	$(PY) -m bench.batching
 	$(PY) -m bench.constrained
+	$(PY) -m bench.batch_api
 
 demo: install
 	$(PY) -m worker.cli build-demo
