@@ -161,6 +161,12 @@ class BatchRun:
                 broken = [f"{name}: {health[name].get('error')}" for name in ("database", "redis")
                           if not (health.get(name) or {}).get("ok", True)]
                 raise CliError(f"service_unavailable: the server is down ({'; '.join(broken) or 'see /api/health'})")
+            if "workers" not in health:  # a key that is not an admin's sees the status only: just wait
+                if time.monotonic() > deadline:
+                    raise CliError("model_not_loaded: the server's model is not ready (an admin key sees why in "
+                                   "/api/health)")
+                time.sleep(2)
+                continue
             workers = health.get("workers") or []
             loading = [w.get("worker_id", "?") for w in workers if w.get("state") == "loading"]
             if not loading or time.monotonic() > deadline:

@@ -5,14 +5,20 @@ from __future__ import annotations
 import redis
 from flask import Blueprint, Flask, Response, render_template
 
+from web.auth import current
 from web.extensions import services
 from web.services.workers import model_label, ready_workers
 
 bp = Blueprint("main", __name__)
 
 def _current_model() -> str:
-    """Return the model a ready worker serves, else the configured one (marked as not loaded)."""
+    """Return the model a ready worker serves, else the configured one (marked as not loaded).
+
+    Only an admin sees it here (VLGATE_MODEL may be a local path); the page asks /v1/models for everyone else.
+    """
     svc = services()
+    if not current().admin:
+        return "…"
     try:
         ready = ready_workers(svc.bus.workers())
     except redis.RedisError:
