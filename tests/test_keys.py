@@ -24,10 +24,10 @@ from werkzeug.routing import Map
 
 from common.config import get_settings
 from common.ids import utcnow
-from common.keys import create_key, list_keys, new_secret, prefix_of, revoke_key
+from common.keys import list_keys, new_secret, prefix_of, revoke_key
 from common.models import ApiKey, Job
 from tests import webfixtures
-from tests.webfixtures import ROOT, build_app, heartbeat, services_of
+from tests.webfixtures import ROOT, bearer, build_app, heartbeat, make_key, services_of
 from vlgate_cli.cli import main
 from web.auth import EXTENSION_KEY, PUBLIC_ENDPOINTS
 from web.openapi import openapi_document
@@ -38,16 +38,6 @@ SECRET_SHAPE = re.compile(r"vlg_[0-9a-f]{8}_[A-Za-z0-9_-]{43}")
 REFUSED = {"missing_api_key", "invalid_api_key"}
 
 
-def bearer(secret: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {secret}"}
-
-
-def make_key(app: Flask, name: str, **options: Any) -> str:
-    """Make a key and return its secret (the gate forgets its cached lookups, as after `keys create`)."""
-    with services_of(app).session_factory() as db:
-        secret = create_key(db, name, **options).secret
-    app.extensions[EXTENSION_KEY].forget()
-    return secret
 
 
 def random_part(secret: str) -> str:

@@ -22,11 +22,19 @@ from urllib3 import encode_multipart_formdata
 from werkzeug.serving import make_server
 
 from common import jobs
-from common.keys import KeyLimits, create_key
 from common.models import Batch
 from tests import webfixtures
-from tests.webfixtures import WORKER_ID, SimulatedWorker, b64, build_app, heartbeat, png_bytes, row_counts, services_of
-from web.auth import EXTENSION_KEY
+from tests.webfixtures import (
+    WORKER_ID,
+    SimulatedWorker,
+    b64,
+    build_app,
+    heartbeat,
+    make_key,
+    png_bytes,
+    row_counts,
+    services_of,
+)
 from web.services import batches as batch_service
 
 db_url, app = webfixtures.db_url, webfixtures.app
@@ -49,13 +57,6 @@ def make_app(app: Flask, db_url: str, tmp_path: Any) -> Iterator[Callable[..., F
     for each in built:
         services_of(each).close()
 
-
-def make_key(app: Flask, name: str, **limits: int) -> str:
-    """Make a key with these limits and return its secret."""
-    with services_of(app).session_factory() as db:
-        secret = create_key(db, name, limits=KeyLimits(**limits)).secret
-    app.extensions[EXTENSION_KEY].forget()
-    return secret
 
 
 def auth(secret: str | None) -> dict[str, str]:

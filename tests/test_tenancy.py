@@ -24,11 +24,10 @@ from werkzeug.routing import Rule
 from werkzeug.serving import make_server
 
 from common import jobs
-from common.keys import create_key, prefix_of
+from common.keys import prefix_of
 from common.models import ApiKey, Job, StoredImage
 from tests import webfixtures
-from tests.webfixtures import WORKER_ID, b64, heartbeat, png_bytes, queue_length, services_of
-from web.auth import EXTENSION_KEY
+from tests.webfixtures import WORKER_ID, b64, bearer, heartbeat, make_key, png_bytes, queue_length, services_of
 
 db_url, app, client = webfixtures.db_url, webfixtures.app, webfixtures.client
 
@@ -44,17 +43,6 @@ FILL = {("api", "job_id"): ("jobs", "job_not_found"), ("api", "session_id"): ("s
 RESULT_FORMATS = ("", "?format=json", "?format=jsonl", "?format=csv")  # every GET is tried with each
 
 
-def bearer(secret: str) -> dict[str, str]:
-    """Return the header that carries a key."""
-    return {"Authorization": f"Bearer {secret}"}
-
-
-def make_key(app: Flask, name: str, **options: Any) -> str:
-    """Make a key in the app's database and return its secret (the gate forgets its cached lookups)."""
-    with services_of(app).session_factory() as db:
-        secret = create_key(db, name, **options).secret
-    app.extensions[EXTENSION_KEY].forget()
-    return secret
 
 
 def snapshot(app: Flask, own_key: str | None = None) -> dict[str, list[tuple[Any, ...]]]:

@@ -30,10 +30,12 @@ from common.bus import TokenBus
 from common.config import Settings
 from common.db import make_session_factory
 from common.events import DoneEvent, ErrorEvent, TokenEvent
+from common.keys import KeyLimits, create_key
 from common.models import ChatSession, Job, Message, MessageImage, StoredImage
 from common.schemas import WorkerStatus
 from devtools.databases import fresh_database
 from web import create_app
+from web.auth import EXTENSION_KEY
 from web.extensions import Services
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,6 +107,21 @@ def heartbeat(app: Flask, *, state: str = "idle", loaded: bool = True, error: st
                           loaded=loaded, error=error, started_at=now, last_heartbeat=now)
     TokenBus(services_of(app).redis).beat(status, ttl_s)
     return status
+
+
+def bearer(secret: str) -> dict[str, str]:
+    """Return the header that carries a key."""
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def make_key(app: Flask, name: str, **options: Any) -> str:
+    """Make a key in the app's database and return its secret; ``rpm``, ``tpm`` and ``max_queued`` become its
+    limits, other options go to ``create_key``. The gate forgets its cached lookups, as after `keys create`."""
+    limits = KeyLimits(**{k: options.pop(k) for k in ("rpm", "tpm", "max_queued") if k in options})
+    with services_of(app).session_factory() as db:
+        secret = create_key(db, name, limits=limits, **options).secret
+    app.extensions[EXTENSION_KEY].forget()
+    return secret
 
 
 def row_counts(app: Flask) -> dict[str, int]:
