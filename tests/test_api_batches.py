@@ -384,7 +384,8 @@ def test_results_in_input_order_as_json_jsonl_and_csv(app: Flask, client: FlaskC
 
     table = client.get(f"/api/batches/{batch_id}/results?format=csv")
     assert table.mimetype == "text/csv" and table.mimetype_params["charset"] == "utf-8"
-    reader = list(csv.reader(io.StringIO(table.get_data(as_text=True), newline="")))
+    assert table.data.startswith(b"\xef\xbb\xbf")  # the BOM: Excel then reads the UTF-8 (Chinese) correctly
+    reader = list(csv.reader(io.StringIO(table.data.decode("utf-8-sig"), newline="")))
     assert reader[0] == ["index", "name", "job_id", "status", "response", "finish_reason", "error_code",
                          "error_message", "prompt_tokens", "completion_tokens", "total_tokens"]
     assert [row[0] for row in reader[1:]] == ["0", "1", "2", "3", "4"]

@@ -17,6 +17,7 @@ from common.schemas import BatchItemResult, BatchResults, ErrorDetail, Usage
 RESULT_FORMATS = {"json": "application/json", "jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
 CSV_HEADER = ("index", "name", "job_id", "status", "response", "finish_reason", "error_code", "error_message",
               "prompt_tokens", "completion_tokens", "total_tokens")
+CSV_BOM = "\ufeff"  # Excel reads a CSV without it in the machine's ANSI code page, garbling Chinese
 YIELD_PER = 500  # rows fetched per round trip (a server-side cursor on Postgres)
 ROWS_PER_CHUNK = 100  # rows per piece of the streamed body
 
@@ -95,8 +96,9 @@ def _csv_row(item: BatchItemResult) -> tuple[Any, ...]:
 
 
 def _csv(results: Iterator[BatchItemResult]) -> Iterator[str]:
-    """Stream RFC 4180 CSV (quoted newlines and quotes, UTF-8) with a header row."""
+    """Stream RFC 4180 CSV (quoted newlines and quotes, UTF-8 with a BOM) with a header row."""
     buffer = io.StringIO()
+    buffer.write(CSV_BOM)
     writer = csv.writer(buffer)
     writer.writerow(CSV_HEADER)
     for n, item in enumerate(results, start=1):
