@@ -206,6 +206,7 @@ def test_cancel_while_validating_or_running(client: FlaskClient, app: Flask, kee
     late = create(client, [line(str(i)) for i in range(4)])
     keeper.tick()
     assert client.post(f"/v1/batches/{late['id']}/cancel").get_json()["status"] == "cancelling"
+    assert count(app, Job, Job.status == "queued") == 4  # the keeper cancels them, woken by the route
     keeper.tick()
     ended = batch(client, late["id"])
     assert ended["status"] == "cancelled" and ended["request_counts"] == {"total": 4, "completed": 0, "failed": 4}

@@ -23,7 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 from flask import Flask, current_app
+from redis.exceptions import RedisError
 from sqlalchemy import exists, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from common.ids import utcnow
@@ -91,7 +93,9 @@ class BatchKeeper:
         while not self.stopping.is_set():
             try:
                 self.tick()
-            except Exception:  # a database or Redis blip: log it and look again at the next interval
+            except (SQLAlchemyError, RedisError) as exc:  # a blip: look again at the next interval
+                log.warning("the batch keeper could not reach the database or Redis: %s", exc)
+            except Exception:  # a bug: say where, and keep the keeper alive
                 log.exception("the batch keeper's pass failed")
             self.wake.wait(self.settings.batch_keeper_interval_s)
             self.wake.clear()

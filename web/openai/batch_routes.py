@@ -98,7 +98,9 @@ def read_batch(batch_id: str) -> Response:
 @bp.post("/batches/<batch_id>/cancel")
 def cancel_one(batch_id: str) -> Response:
     """Cancel a batch: ``cancelling`` now, ``cancelled`` once nothing of it runs."""
-    return jsonify(cancel(get_db(), services().bus, batch_id).model_dump())
+    answer = cancel(get_db(), batch_id)
+    nudge()
+    return jsonify(answer.model_dump())
 
 
 def init_app(app: Flask) -> None:

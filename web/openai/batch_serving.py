@@ -13,7 +13,6 @@ from typing import Any
 from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
-from common.bus import TokenBus
 from common.config import WINDOW_UNITS, Settings
 from common.errors import ApiError
 from common.ids import is_id, new_id, to_epoch, utcnow
@@ -31,7 +30,6 @@ from web.openai.files import get_file
 from web.openai.paging import PageQuery, page
 from web.openai.serving import served_model
 from web.quotas import charge
-from web.services.batches import cancel_batch
 
 LIVE = ("in_progress", "finalizing", "cancelling")  # counts come from the items; at the end they are frozen
 CANCELLABLE = ("validating", "in_progress")
@@ -123,7 +121,7 @@ def list_batches(db: Session, query: PageQuery) -> BatchList:
                      has_more=more)
 
 
-def cancel(db: Session, bus: TokenBus, batch_id: str) -> BatchObject:
+def cancel(db: Session, batch_id: str) -> BatchObject:
     """Cancel a batch: ``cancelling`` at once; its queued lines never run, running ones stop at their next step."""
     row = get_openai_batch(db, batch_id)
     if row.status in ("cancelling", "cancelled"):
@@ -131,11 +129,13 @@ def cancel(db: Session, bus: TokenBus, batch_id: str) -> BatchObject:
     if row.status not in CANCELLABLE:
         raise ApiError("conflict", f"Batch {batch_id} is {row.status}; only a validating or in_progress batch can "
                                    "be cancelled.", 409)
-    moved = db.execute(update(OpenAIBatch).where(OpenAIBatch.id == row.id, OpenAIBatch.status == row.status)
+    was = row.status  # read before the UPDATE, which also updates the loaded row
+    moved = db.execute(update(OpenAIBatch).where(OpenAIBatch.id == row.id, OpenAIBatch.status == was)
                        .values(status="cancelling", cancelling_at=utcnow()))
     db.commit()
     if moved.rowcount != 1:  # it moved on meanwhile (validated, finished): answer what it is now
-        return cancel(db, bus, batch_id)
-    if row.status == "in_progress":  # a validating batch's validator sees the status and stops by itself
-        cancel_batch(db, bus, row.id)
+        return cancel(db, batch_id)
+    # The keeper cancels the lines (at once: the route wakes it) and ends the stream of each one that never ran,
+    # a Redis round trip per line that a 50,000-line batch should not make the client wait for; a validating
+    # batch's validator sees the status and stops by itself.
     return batch_object(db, get_openai_batch(db, batch_id))
