@@ -29,8 +29,8 @@ from sqlalchemy.orm import Session
 
 from common.config import Settings
 from common.errors import ApiError
-from common.ids import new_id, utcnow
-from common.jobspec import JobSpec, TurnSpec
+from common.ids import utcnow
+from common.jobspec import TurnSpec
 from common.models import DEFAULT_TENANT, Batch, Job, OpenAIBatch, StoredFile
 from common.queue import BATCH_QUEUE
 from web.auth import OPEN, Principal, gate
@@ -115,24 +115,11 @@ class LineWriter(BatchWriter):
         if len(self._pending) >= FLUSH_ITEMS or self._pending_bytes >= FLUSH_BYTES:
             self.flush()
 
-    def _job(self, item: LineItem, index: int, now: Any) -> Job:
-        """Build a line's job: queued, or failed with why its image could not be used."""
+    def _turns(self, item: LineItem) -> list[TurnSpec]:
+        """Store a line's images (once per tenant) and return its turns, as the request gave them."""
         tenant = self.owner["tenant"]
-        turns = [TurnSpec(role=t.role, text=t.text,
-                          image_ids=[store_image(self.db, image, tenant) for image in t.images]) for t in item.turns]
-        image_ids = [image_id for turn in turns for image_id in turn.image_ids]
-        self.images += len(image_ids)
-        spec = JobSpec(turns=turns, sampling=item.sampling, stop=item.stop)
-        job = Job(id=new_id("job"), batch_id=self.batch_id, batch_index=index, prompt=item.prompt,
-                  image_ids=image_ids, item_name=item.name, queue=BATCH_QUEUE, spec=spec.stored(), params={},
-                  attempts=0, cancel_requested=False, created_at=now, **self.owner)
-        if item.error is None:
-            job.status = "queued"
-            self.queued_ids.append(job.id)
-        else:
-            job.status, job.error_code, job.error_message = "failed", item.error.code, item.error.message
-            job.finished_at = now
-        return job
+        return [TurnSpec(role=t.role, text=t.text,
+                         image_ids=[store_image(self.db, image, tenant) for image in t.images]) for t in item.turns]
 
     def commit(self) -> None:
         """Move the batch to in_progress in the transaction that marks its items enqueued (if still ours)."""

@@ -112,13 +112,18 @@ class BatchWriter:
         self._pending.clear()
         self._pending_bytes = 0
 
-    def _job(self, item: PreparedItem, index: int, now: Any) -> Job:
-        """Build an item's job row: queued, or failed with its image's error."""
+    def _turns(self, item: Any) -> list[TurnSpec]:
+        """Store an item's images (once per tenant) and return the turns its job runs: here one user turn."""
         image_ids = [store_image(self.db, image, self.owner["tenant"]) for image in item.images]
-        self.images += len(image_ids)
         audit.note(image_sha256s=[image.sha256 for image in item.images], prompt=item.prompt)
-        spec = JobSpec(turns=[TurnSpec(role="user", text=item.prompt, image_ids=image_ids)], sampling=item.sampling,
-                       stop=item.stop)
+        return [TurnSpec(role="user", text=item.prompt, image_ids=image_ids)]
+
+    def _job(self, item: Any, index: int, now: Any) -> Job:
+        """Build an item's job row: queued, or failed with its image's error."""
+        turns = self._turns(item)
+        image_ids = [image_id for turn in turns for image_id in turn.image_ids]
+        self.images += len(image_ids)
+        spec = JobSpec(turns=turns, sampling=item.sampling, stop=item.stop)
         job = Job(id=new_id("job"), batch_id=self.batch_id, batch_index=index, prompt=item.prompt,
                   image_ids=image_ids, item_name=item.name, queue=BATCH_QUEUE, spec=spec.stored(), params={},
                   attempts=0, cancel_requested=False, created_at=now, **self.owner)
