@@ -6,10 +6,12 @@ PY     := $(BIN)/python
 
 .PHONY: install dev run generate test lint bench clean demo faults
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -r requirements.txt
+	# The project itself, editable, for the `vlgate` command ($(BIN)/vlgate); --no-deps: torch stays as pinned.
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
 $(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt

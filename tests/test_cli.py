@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,12 +22,27 @@ from common.models import Batch, Job
 from devtools import live
 from devtools.databases import make_image
 from devtools.live import Stack
+from vlgate_cli.batch import progress_bar
 from vlgate_cli.cli import main
 from vlgate_cli.multipart import FilePart, MultipartBody
 
 pytestmark = pytest.mark.slow
 
 PROMPT = "Tag this photo."
+VLGATE = live.ROOT / ".venv" / "bin" / "vlgate"  # the console script `make install` (pip install -e .) puts there
+
+
+def vlgate_env(server: str | None) -> dict[str, str]:
+    """The environment of the installed command, with VLGATE_URL set (or unset) and no key."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VLGATE_URL", "VLGATE_API_KEY")}
+    return {**env, "VLGATE_URL": server} if server else env
+
+
+def vlgate(cwd: Path, server: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the installed `vlgate` from ``cwd`` (not the checkout), as a user's shell would."""
+    assert VLGATE.exists(), "make install installs the project (pip install --no-deps -e .): .venv/bin/vlgate"
+    return subprocess.run([str(VLGATE), *args], cwd=cwd, env=vlgate_env(server), capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -140,46 +157,67 @@ def test_one_line_per_file_in_order_and_reruns_upload_only_what_is_missing(stack
     status = CliRunner().invoke(main, ["status", batch_id, "--server", stack.base])
     assert status.exit_code == 0 and f"{batch_id}: completed, 100% of 4 items final" in status.output
     csv_out = CliRunner().invoke(main, ["results", batch_id, "--format", "csv", "--server", stack.base])
-    assert csv_out.output.splitlines()[0].startswith("index,name,job_id,status")
+    assert csv_out.output.splitlines()[0].startswith("\ufeffindex,name,job_id,status")  # BOM: Excel reads UTF-8
     missing = CliRunner().invoke(main, ["status", "batch_" + "0" * 24, "--server", stack.base])
     assert missing.exit_code == 2 and "batch_not_found" in missing.output
 
 
-def start_cli(stack: Stack, folder: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
-    """Run the CLI as a real process that Ctrl-C (SIGINT) can interrupt."""
-    argv = [sys.executable, "-m", "vlgate_cli", "batch", str(folder), "--prompt", PROMPT, "--out", str(out),
-            "--server", stack.base, "--max-tokens", "1000", "--min-tokens", "1000", "--quiet", *extra]
+def start_cli(stack: Stack, folder: Path, out: Path, *extra: str, installed: bool = False) -> subprocess.Popen[str]:
+    """Run the CLI as a real process that Ctrl-C (SIGINT) can interrupt: ``python -m vlgate_cli --server`` in the
+    checkout, or the installed ``vlgate`` in the results' folder with the address from VLGATE_URL."""
+    args = ["batch", str(folder), "--prompt", PROMPT, "--out", str(out), "--max-tokens", "1000", "--min-tokens",
+            "1000", "--quiet", *extra]
+    if installed:
+        argv, cwd, env = [str(VLGATE), *args], out.parent, vlgate_env(stack.base)
+    else:
+        argv, cwd, env = [sys.executable, "-m", "vlgate_cli", *args, "--server", stack.base], live.ROOT, None
     # A child started from a non-interactive shell may inherit SIGINT as ignored; Python then never raises
     # KeyboardInterrupt. Restore the default so the signal means what Ctrl-C means.
-    return subprocess.Popen(argv, cwd=live.ROOT, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(argv, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def interrupt_after_upload(proc: subprocess.Popen[str], out: Path) -> tuple[int, str, str]:
-    """Wait for the state file (the upload was accepted), press Ctrl-C, return (exit code, stderr, batch id)."""
+def interrupt_after_upload(proc: subprocess.Popen[str], out: Path, lines: int = 0) -> tuple[int, str, str]:
+    """Wait for the state file (the upload was accepted) and ``lines`` results written, press Ctrl-C, return
+    (exit code, stderr, batch id)."""
     state = Path(f"{out}.state.json")
     live.wait_until(lambda: state.exists() or proc.poll() is not None, 60, 0.02, "the upload to be recorded")
     batch_id = json.loads(state.read_text())["batch_id"]
+    if lines:
+        written = lambda: out.exists() and len(out.read_text().splitlines()) >= lines  # noqa: E731
+        live.wait_until(lambda: written() or proc.poll() is not None, 180, 0.05, "a result written")
+        assert proc.poll() is None and state.exists(), "the batch ended before its first result was written"
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)
     return proc.returncode, stderr, batch_id
 
 
+FRAMES = 12
+
+
 def test_an_interrupted_run_is_resumed_by_following_its_batch(stack: Stack, tmp_path: Path):
+    # The installed `vlgate`, run from the results' folder with the server in VLGATE_URL. A result is in the
+    # file as soon as its item finishes, while the batch still runs; the hint names the server it used.
+    # More items than the worker runs at once, so the first ones finish well before the last.
     folder, out = tmp_path / "frames", tmp_path / "frames.jsonl"
-    add_images(folder, [f"f{i}.png" for i in range(4)])
-    code, stderr, batch_id = interrupt_after_upload(start_cli(stack, folder, out), out)
+    names = [f"f{i:02d}.png" for i in range(FRAMES)]
+    add_images(folder, names)
+    code, stderr, batch_id = interrupt_after_upload(start_cli(stack, folder, out, installed=True), out, lines=1)
     assert code == 130, stderr
     assert f"Batch {batch_id} keeps running on the server" in stderr
+    assert f"`vlgate cancel {batch_id} --server {stack.base}`" in stderr
     assert requests.get(f"{stack.base}/api/batches/{batch_id}", timeout=10).json()["status"] == "running"
+    early = read_out(out)
+    assert 0 < len(early) < FRAMES and {line["batch_id"] for line in early} == {batch_id}
     known = set(server_batches(stack))
 
     resumed = run_cli(stack, folder, out)
     assert resumed.exit_code == 0, resumed.output
-    assert f"resuming batch {batch_id} (4 items) instead of uploading it again" in resumed.output
+    assert f"resuming batch {batch_id} ({FRAMES} items) instead of uploading it again" in resumed.output
     assert set(server_batches(stack)) == known  # nothing uploaded again
     lines = read_out(out)
-    assert [line["name"] for line in lines] == [f"f{i}.png" for i in range(4)]
+    assert sorted(line["name"] for line in lines) == names  # each once, the early lines kept as they were
+    assert all(line in lines for line in early)
     assert {line["batch_id"] for line in lines} == {batch_id}
     assert all(line["status"] == "succeeded" for line in lines)
     assert not Path(f"{out}.state.json").exists()
@@ -279,3 +317,40 @@ def test_api_key_goes_as_bearer_from_the_option_or_the_environment_and_a_401_say
     finally:
         keyed.stop()
         engine.dispose()
+
+
+def test_the_installed_command_works_from_any_directory_with_the_server_from_vlgate_url(stack: Stack,
+                                                                                       tmp_path: Path):
+    elsewhere = tmp_path / "somewhere" / "else"
+    add_images(elsewhere / "in", ["a.png", "b.png"])
+    done = vlgate(elsewhere, stack.base, "batch", "in", "-p", PROMPT, "-o", "out.jsonl", "--max-tokens", "4", "-q")
+    assert done.returncode == 0, done.stderr
+    lines = read_out(elsewhere / "out.jsonl")
+    assert [line["name"] for line in lines] == ["a.png", "b.png"] and {line["status"] for line in lines} == {
+        "succeeded"}
+    batch_id = lines[0]["batch_id"]
+    shown = vlgate(elsewhere, stack.base, "status", batch_id)
+    assert shown.returncode == 0 and f"{batch_id}: completed" in shown.stdout, shown.stderr
+
+    # --server wins over VLGATE_URL; without either the default address is tried, and the message says how to set it.
+    dead = f"http://127.0.0.1:{live.free_port()}"
+    assert vlgate(elsewhere, dead, "status", batch_id, "--server", stack.base).returncode == 0
+    refused = vlgate(elsewhere, dead, "status", batch_id)
+    assert refused.returncode == 2 and f"cannot reach the vlgate server at {dead}" in refused.stderr
+    assert "--server or VLGATE_URL" in refused.stderr
+    assert "VLGATE_URL" in " ".join(vlgate(elsewhere, None, "batch", "--help").stdout.split())
+    assert "--port" in vlgate(elsewhere, None, "serve", "--help").stdout  # `make run`'s program, options and all
+    assert "--stop-timeout" in vlgate(elsewhere, None, "worker", "--help").stdout
+    assert vlgate(elsewhere, None, "keys", "--help").returncode == 0
+
+
+def test_the_rate_after_a_resume_counts_only_what_this_run_saw_finish():
+    bar = progress_bar(total=1000, already=900, quiet=False)
+    try:
+        bar.n = 905  # five items finished since the resume, in a fraction of a second
+        rate = bar.format_dict["elapsed"] and (bar.n - bar.format_dict["initial"]) / bar.format_dict["elapsed"]
+        shown = re.search(r"([\d.]+)img/s", str(bar))
+        assert bar.format_dict["initial"] == 900 and shown, str(bar)
+        assert float(shown.group(1)) == pytest.approx(rate, rel=0.5)  # 5 per elapsed second, not 905
+    finally:
+        bar.close()

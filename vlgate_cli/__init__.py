@@ -1,5 +1,6 @@
-"""vlgate's command-line client: upload folders of images as batches, follow them, resume where it stopped.
+"""vlgate's command line (``vlgate``): upload folders of images as batches, follow them, resume where it stopped.
 
-It talks to the server over HTTP only and imports nothing from ``common/``, ``web/`` or ``worker/``, so it
-runs on any machine with ``click``, ``requests`` and ``tqdm``.
+The client commands talk to the server over HTTP only and import nothing from ``common/``, ``web/`` or
+``worker/`` until a server-side command (``serve``, ``worker``, ``keys``) runs, so they need only ``click``,
+``requests`` and ``tqdm``.
 """

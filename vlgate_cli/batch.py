@@ -1,4 +1,4 @@
-"""``vlgate_cli batch``: upload a folder in chunks, follow each batch, append its results, resume when rerun."""
+"""``vlgate batch``: upload a folder in chunks, follow each batch, append results as items finish, resume when rerun."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 from tqdm import tqdm
 
 from vlgate_cli.client import ApiFailure, Client, CliError, Unreachable
@@ -35,6 +36,12 @@ class BatchOptions:
     chunk: int = 500
     cancel_on_exit: bool = False
     quiet: bool = False
+
+
+def command_name() -> str:
+    """Return how the user started us (``vlgate`` or ``python -m vlgate_cli``), for hints they can paste."""
+    context = click.get_current_context(silent=True)
+    return context.find_root().info_name if context and context.find_root().info_name else "vlgate"
 
 
 def list_images(directory: Path, recursive: bool) -> list[FilePart]:
@@ -65,6 +72,8 @@ class BatchRun:
         self.outcomes: Counter[str] = Counter()
         self.error_codes: Counter[str] = Counter()
         self.bar: tqdm | None = None
+        self.done = 0  # items of the batches already finished in this run (the bar's base)
+        self.written: set[str] = set()  # names of the followed batch already appended to the results file
 
     def run(self) -> int:
         """Do the whole job; return the exit code (0 all succeeded, 1 some did not, 130 interrupted)."""
@@ -76,7 +85,7 @@ class BatchRun:
         opts.out.parent.mkdir(parents=True, exist_ok=True)
         with exclusive(opts.out) as ours:
             if not ours:
-                raise CliError(f"another vlgate_cli run is writing {opts.out}; let it finish (or stop it) first")
+                raise CliError(f"another vlgate run is writing {opts.out}; let it finish (or stop it) first")
             self.results = ResultsFile.load(opts.out)
             return self._run(files)
 
@@ -94,8 +103,7 @@ class BatchRun:
         if pending:
             self._wait_for_model()
         total = len(pending) + (len(flight.names) if flight else 0)
-        self.bar = tqdm(total=total, unit="img", desc="batch", disable=opts.quiet, file=sys.stderr,
-                        dynamic_ncols=True)
+        self.bar = progress_bar(total, flight.final if flight else 0, opts.quiet)
         interrupted = False
         try:
             if flight:
@@ -120,7 +128,7 @@ class BatchRun:
             raise CliError(f"{state} records batch {flight.batch_id} on {flight.server}, not {self.client.base}: "
                            f"pass --server {flight.server} to collect it, or delete {state}")
         try:
-            self.client.batch(flight.batch_id)
+            batch = self.client.batch(flight.batch_id)
         except ApiFailure as failure:
             if failure.status != 404:
                 raise
@@ -131,6 +139,8 @@ class BatchRun:
         if flight.prompt != self.options.prompt:
             say(f"Note: batch {flight.batch_id} was started with a different prompt ({flight.prompt!r}); "
                 "following it anyway (delete the state file to drop it).")
+        # What finished before this run is not this run's speed: the bar starts there (tqdm's `initial`).
+        flight.final = sum((batch.get("counts") or {}).get(status, 0) for status in FINAL_STATUSES)
         return flight
 
     def _announce(self, files: list[FilePart], pending: list[FilePart], chunks: list[list[FilePart]],
@@ -191,16 +201,19 @@ class BatchRun:
         return flight
 
     def _finish(self, flight: InFlight) -> None:
-        """Follow a batch to its end, append its results, then forget it."""
+        """Follow a batch to its end, appending each item's result as it finishes, then forget it."""
         assert self.bar is not None
-        base = int(self.bar.n)
-        self._follow(flight.batch_id, base)
+        self._follow(flight, self.done)
         self._collect(flight)
-        self.bar.n = base + len(flight.names)
+        self.done += len(flight.names)
+        self.bar.n = self.done
         self.bar.refresh()
 
-    def _follow(self, batch_id: str, base: int, settle_s: float | None = None) -> dict[str, Any]:
+    def _follow(self, flight: InFlight, base: int, settle_s: float | None = None) -> dict[str, Any]:
         """Poll the batch until no item is queued or running (or, after a cancel, until settle_s passes)."""
+        batch_id = flight.batch_id
+        self.written = {name for name in flight.names if self.results.latest.get(name, {}).get("batch_id") == batch_id}
+        seen = len(self.written)
         outage_since: float | None = None
         started = time.monotonic()
         while True:
@@ -218,6 +231,9 @@ class BatchRun:
                 continue
             counts = batch.get("counts") or {}
             final = sum(counts.get(status, 0) for status in FINAL_STATUSES)
+            if final > seen:  # some items finished since the last look: write them now, not at the batch's end
+                self._collect(flight, clear=False)
+                seen = final
             if self.bar is not None:
                 self.bar.n = base + final
                 self.bar.set_postfix(failed=self.outcomes["failed"] + counts.get("failed", 0), refresh=False)
@@ -228,8 +244,8 @@ class BatchRun:
                 return batch
             time.sleep(POLL_S)
 
-    def _collect(self, flight: InFlight) -> None:
-        """Append the batch's final items to the results file (once), then clear the state file."""
+    def _collect(self, flight: InFlight, clear: bool = True) -> None:
+        """Append the batch's newly final items to the results file (each once); at the end clear the state file."""
         records = []
         for item in self.client.results(flight.batch_id):
             if item.get("status") not in FINAL_STATUSES:
@@ -239,14 +255,17 @@ class BatchRun:
             if isinstance(index, int) and 0 <= index < len(flight.names):
                 # Our own name for the file: the server may shorten long names (255 characters at most).
                 record["name"] = flight.names[index]
-            records.append(record)
-        if not self.results.has_batch(flight.batch_id, [r["name"] for r in records]):
+            if record.get("name") not in self.written:
+                records.append(record)
+        if records:
             self.results.append(records)
         for record in records:
+            self.written.add(record["name"])
             self.outcomes[record["status"]] += 1
             if record.get("error"):
                 self.error_codes[record["error"].get("code", "?")] += 1
-        InFlight.clear(self.options.out)
+        if clear:
+            InFlight.clear(self.options.out)
 
     def _interrupted(self) -> int:
         """Ctrl-C: leave the batch running on the server (default) or cancel it and keep what finished."""
@@ -259,12 +278,12 @@ class BatchRun:
         if not self.options.cancel_on_exit:
             say(f"Interrupted. Batch {flight.batch_id} keeps running on the server (recorded in {state}). "
                 "Run the same command again to follow it and write its results, or stop it with "
-                f"`python -m vlgate_cli cancel {flight.batch_id}`.")
+                f"`{command_name()} cancel {flight.batch_id} --server {self.client.base}`.")
             return INTERRUPTED
         try:
             say(f"Interrupted: cancelling batch {flight.batch_id}…")
             self.client.cancel(flight.batch_id)
-            self._follow(flight.batch_id, 0, settle_s=CANCEL_SETTLE_S)
+            self._follow(flight, 0, settle_s=CANCEL_SETTLE_S)
             self._collect(flight)
         except KeyboardInterrupt:
             say(f"Stopped; batch {flight.batch_id} stays recorded in {state}.")
@@ -288,6 +307,12 @@ class BatchRun:
                 f"(e.g. {', '.join(missing[:3])}); run the same command again to retry them.")
             return 1
         return 0
+
+
+def progress_bar(total: int, already: int, quiet: bool) -> tqdm:
+    """Make the items bar; ``already`` (finished before this run) counts towards the bar but not the rate."""
+    return tqdm(total=total, initial=already, unit="img", desc="batch", disable=quiet, file=sys.stderr,
+                dynamic_ncols=True)
 
 
 def _not_loaded_reason(workers: list[dict[str, Any]]) -> str:

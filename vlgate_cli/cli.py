@@ -1,4 +1,5 @@
-"""Commands: ``batch`` (upload a folder and collect results), ``status``, ``results`` and ``cancel``."""
+"""The ``vlgate`` command: ``serve``, ``worker``, ``batch`` (a folder of images), ``status``, ``results``,
+``cancel`` and ``keys``. Installed as a console script by pyproject.toml; ``python -m vlgate_cli`` is the same."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from vlgate_cli.keys import keys
 
 DEFAULT_SERVER = "http://127.0.0.1:8501"
 
-server_option = click.option("--server", default=DEFAULT_SERVER, show_default=True, metavar="URL",
-                             help="Address of the vlgate web server.")
+server_option = click.option("--server", envvar="VLGATE_URL", show_envvar=True, default=DEFAULT_SERVER,
+                             show_default=True, metavar="URL", help="Address of the vlgate web server.")
+# serve and worker hand every argument, --help included, to the program they start.
+PASSTHROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
 api_key_option = click.option("--api-key", envvar="VLGATE_API_KEY", show_envvar=True, metavar="KEY",
                               help="API key (vlg_…), sent as 'Authorization: Bearer'; needed when the server "
                                    "requires keys. Prefer the environment variable: a command line is visible "
@@ -25,10 +28,28 @@ api_key_option = click.option("--api-key", envvar="VLGATE_API_KEY", show_envvar=
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main() -> None:
-    """Run bulk image batches against a vlgate server, and manage its API keys."""
+    """Serve vlgate, run its workers, run bulk image batches against a server, and manage API keys."""
 
 
 main.add_command(keys)
+
+
+@main.command(context_settings=PASSTHROUGH, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def serve(args: tuple[str, ...]) -> None:
+    """Serve everything on this host, as `make run` does: Redis, migrations, workers, the web (--port, --host)."""
+    from scripts.run_local import main as run_local
+
+    run_local.main(args=list(args), prog_name="vlgate serve")
+
+
+@main.command(context_settings=PASSTHROUGH, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def worker(args: tuple[str, ...]) -> None:
+    """Run the Celery worker(s) of this machine, one per GPU, restarted when they die (as docker/worker.sh)."""
+    from scripts.supervise import main as supervise
+
+    supervise.main(args=list(args), prog_name="vlgate worker")
 
 
 @main.command()

@@ -55,7 +55,7 @@ class Client:
             response = self.http.request(method, self.base + path, **kwargs)
         except requests.ConnectionError as exc:
             raise Unreachable(f"cannot reach the vlgate server at {self.base} ({_short(exc)}); "
-                              "is it running? (--server sets the address)") from exc
+                              "is it running? (--server or VLGATE_URL sets the address)") from exc
         except requests.Timeout as exc:
             raise Unreachable(f"the vlgate server at {self.base} did not answer in time ({_short(exc)})") from exc
         if response.status_code >= 400:

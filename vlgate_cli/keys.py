@@ -7,8 +7,6 @@ from datetime import datetime, timedelta
 
 import click
 
-from common.access import KeyPublic
-
 DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
@@ -38,6 +36,7 @@ def _db():  # type: ignore[no-untyped-def]
 
 def _row(key) -> dict:  # type: ignore[no-untyped-def]
     """Describe a key row for listing (never its secret or hash)."""
+    from common.access import KeyPublic
     from common.ids import isoformat
 
     public = KeyPublic(id=key.id, name=key.name, tenant=key.tenant, prefix=key.prefix, admin=key.admin,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,7 +47,7 @@ def exclusive(out: Path) -> Iterator[bool]:
 
 @dataclass
 class ResultsFile:
-    """The ``--out`` JSONL: appended chunk by chunk; the last line for a name is that file's result."""
+    """The ``--out`` JSONL: appended as items finish; the last line for a name is that file's result."""
 
     path: Path
     latest: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -81,10 +81,6 @@ class ResultsFile:
         """Return the names whose latest result succeeded (those are never uploaded again)."""
         return {name for name, record in self.latest.items() if record.get("status") == "succeeded"}
 
-    def has_batch(self, batch_id: str, names: Iterable[str]) -> bool:
-        """Tell whether every one of these names already has a line from this batch."""
-        return all(self.latest.get(name, {}).get("batch_id") == batch_id for name in names)
-
     def append(self, records: list[dict[str, Any]]) -> None:
         """Append results and flush them to disk before anything else happens."""
         with self.path.open("a+", encoding="utf-8") as handle:
@@ -100,9 +96,14 @@ class ResultsFile:
             os.fsync(handle.fileno())
 
     def compact(self) -> bool:
-        """Keep one line per name (its latest result, where the name first appeared); return True if rewritten."""
-        if self.lines == len(self.latest) and not self.unreadable:
+        """Keep one line per name (its latest result), in input order (by name); return True if rewritten.
+
+        Lines are appended in the order items finish; a run that ends puts them back in the order of the files.
+        """
+        ordered = sorted(self.order)
+        if self.lines == len(self.latest) and not self.unreadable and ordered == self.order:
             return False
+        self.order = ordered
         text = "".join(json.dumps(self.latest[name], ensure_ascii=False) + "\n" for name in self.order)
         _replace_atomically(self.path, text)
         self.lines, self.unreadable = len(self.latest), 0
@@ -118,6 +119,7 @@ class InFlight:
     names: list[str]
     prompt: str
     created_at: str = ""
+    final: int = 0  # items already final on the server when this run found the batch (not saved)
 
     @staticmethod
     def path_for(out: Path) -> Path:
