@@ -220,3 +220,65 @@ def test_a_json_schema_makes_every_answer_json(page, stack: Stack) -> None:
     assert {json.dumps(job.spec["sampling"]["response_format"]["json_schema"]["schema"]) for job in jobs} == {
         json.dumps(schema)}
     assert sorted(json.loads(job.response)["kind"] in ("photo", "scan") for job in jobs) == [True, True]
+
+
+def test_checks_before_upload_thumbnails_failed_filter_retry_and_past_batches(page, stack: Stack) -> None:
+    from playwright.sync_api import expect
+
+    limit = int(page.get_attribute("#batch-main", "data-max-image-bytes"))
+    assert limit == 10 * 1024 * 1024  # the server's max_image_bytes, written into the page
+    broken = {"name": "broken.png", "mimeType": "image/png", "buffer": b"\x89PNG\r\n\x1a\n??"}
+    refused = [{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hello"},
+               {"name": "empty.png", "mimeType": "image/png", "buffer": b""},
+               {"name": "huge.png", "mimeType": "image/png", "buffer": b"\0" * (limit + 1)}]
+    page.set_input_files("#file-input", files=[*png_files(["a.png", "b.png", "c.png"]), broken, *refused])
+    expect(page.locator("#file-summary")).to_contain_text("4 张图片 images")
+    notes = page.locator("#file-refused li")
+    expect(notes).to_have_count(3)  # said before anything is sent, one line per reason
+    assert [re.search(r": (\S+)$", text).group(1) for text in notes.all_text_contents()] == [
+        "notes.txt", "empty.png", "huge.png"]
+    assert "10.0 MB" in notes.nth(2).text_content()
+    page.fill("#prompt", "Name one colour.")
+    page.click("#start-button")
+    expect(page.locator("#progress")).to_have_attribute("aria-valuenow", "100")
+    first_id = page.locator("#downloads code").text_content()
+    assert [job.item_name for job in batch_jobs(stack, first_id)] == ["a.png", "b.png", "broken.png", "c.png"]
+    assert page.locator("#downloads .rows-note").text_content() == "(# 1–4 = index 0–3)"
+    assert page.locator("#results-body .col-index").all_text_contents() == ["1", "2", "3", "4"]
+
+    # Thumbnails from the browser's own files: the 40×40 picture of a.png, decoded.
+    expect(page.locator("#results-body img.thumb")).to_have_count(4)
+    page.wait_for_function("() => { const img = document.querySelector('#results-body img.thumb');"
+                           " return img.complete && img.naturalWidth === 40; }", timeout=TIMEOUT_MS)
+
+    # Failed only: one row shows; retry sends a new batch of just that file.
+    expect(page.locator("#failed-count")).to_have_text("1")
+    page.check("#failed-only")
+    expect(page.locator("#results-body tr:visible")).to_have_count(1)
+    assert page.locator("#results-body tr:visible .col-name").text_content() == "broken.png"
+    page.uncheck("#failed-only")
+    expect(page.locator("#results-body tr:visible")).to_have_count(4)
+    expect(page.locator("#retry-failed")).to_contain_text("Retry 1 failed")
+    page.click("#retry-failed")
+    expect(page.locator("#downloads code")).not_to_have_text(first_id)
+    expect(page.locator("#progress")).to_have_attribute("aria-valuenow", "100")
+    retry_id = page.locator("#downloads code").text_content()
+    assert [job.item_name for job in batch_jobs(stack, retry_id)] == ["broken.png"]
+    assert {job.prompt for job in batch_jobs(stack, retry_id)} == {"Name one colour."}
+    expect(page.locator("#results-body tr")).to_have_count(1)
+    assert f"batch={retry_id}" in page.url and first_id not in page.url
+
+    # Past batches: this browser's, newest first, with the server's status; they survive a reload and reopen.
+    items = page.locator("#history li.history-item")
+    expect(items).to_have_count(2)
+    expect(items.nth(1).locator(".history-status")).to_contain_text("completed")
+    assert [items.nth(i).get_attribute("data-batch") for i in range(2)] == [retry_id, first_id]
+    assert items.nth(1).locator("a.history-open").get_attribute("href") == f"/batch?batch={first_id}"
+    page.goto(f"{stack.base}/batch")
+    expect(page.locator("#history li.history-item")).to_have_count(2)
+    expect(page.locator("#history li.history-item").nth(1).locator(".history-status")).to_contain_text("✗1")
+    page.locator("#history li.history-item").nth(1).locator("a.history-open").click()
+    expect(page.locator("#results-body tr")).to_have_count(4)
+    expect(page.locator("#progress")).to_have_attribute("aria-valuenow", "100")
+    assert page.locator("#results-body .thumb-none").count() == 4  # no local files after a reload: no thumbnails
+    expect(page.locator("#retry-failed")).to_be_hidden()

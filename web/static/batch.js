@@ -1,12 +1,15 @@
 // vlgate batch page: collect images (file picker, folder picker, drag and drop), upload them as multipart
-// batches, follow progress, and fill the results table as items finish. Model answers are untrusted text:
-// everything from the server reaches the page through textContent, never innerHTML. auth.js asks for the
-// API key when the server requires one; the sign-in cookie then goes with every request.
+// batches, follow progress, and fill the results table (with thumbnails) as items finish; retry the failed
+// ones as a new batch; list this browser's past batches. Model answers are untrusted text: everything from
+// the server reaches the page through textContent, never innerHTML. auth.js asks for the API key when the
+// server requires one; the sign-in cookie then goes with every request.
+// Row numbers: "#" counts the files of a run from 1; the downloads' "index" counts a batch's items from 0.
 
 import { Access, isAuthError } from "./auth.js";
+import { checkFiles, describeRefusals, formatBytes, fromDrop, serverLimits, Thumbnails } from "./batch_files.js";
+import { History, runHref } from "./batch_history.js";
 
 const THEME_KEY = "vlgate.theme"; // the chat page's key (app.js, theme.js)
-const IMAGE_NAME = /\.(png|jpe?g|bmp|webp|gif)$/i;
 const CHUNK = 500; // files per server batch: one multipart request stays well inside the server's limits
 const POLL_MS = 1000;
 const SNIPPET_CHARS = 240;
@@ -31,10 +34,16 @@ const ui = {
   start: $("start-button"), cancel: $("cancel-button"), progress: $("progress"), progressFill: $("progress-fill"),
   progressText: $("progress-text"), downloads: $("downloads"), body: $("results-body"),
   empty: $("results-empty"), banner: $("model-banner"), darkMode: $("dark-mode"),
+  main: $("batch-main"), refused: $("file-refused"), table: $("results"), failedOnly: $("failed-only"),
+  failedCount: $("failed-count"), retry: $("retry-failed"), history: $("history"), clearHistory: $("clear-history"),
 };
+const limits = serverLimits(ui.main);
+const chunkSize = Math.min(CHUNK, limits.items);
 
 const state = {
   files: [], // [{name, file}] sorted by name
+  refused: [], // [{name, file, reason}] not taken: wrong type, empty, too large
+  runFiles: [], // the files of the run on screen, by row (none after a reload): thumbnails and retry
   batches: [], // [{id, offset, total, links, counts, status, final}]
   rows: [], // per global index: {tr, cells, status, response, error, expanded}
   total: 0,
@@ -45,6 +54,8 @@ const state = {
   keyId: null, // the key the page was started with
 };
 const access = new Access();
+const thumbs = new Thumbnails();
+let pastRuns = null;
 
 /** A failure the server (or the network) reported, in the API's {code, message} terms. */
 class ApiError extends Error {
@@ -76,14 +87,12 @@ function errorFrom(status, body) {
 
 // ---- collecting files ----
 
-const isHidden = (name) => name.split("/").some((part) => part.startsWith("."));
-
 function addFiles(found) {
+  const { accepted, refused } = checkFiles(found, limits);
   const byName = new Map(state.files.map((item) => [item.name, item]));
-  for (const item of found) {
-    if (IMAGE_NAME.test(item.name) && !isHidden(item.name)) byName.set(item.name, item);
-  }
+  for (const item of accepted) byName.set(item.name, item);
   state.files = [...byName.values()].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  state.refused = refused;
   renderFiles();
 }
 
@@ -93,49 +102,17 @@ function fromInput(input) {
   input.value = "";
 }
 
-/** Read every file under dropped entries; folders are walked with the File and Directory Entries API. */
-async function fromDrop(entries, plainFiles) {
-  if (!entries.length) return plainFiles.map((file) => ({ name: file.name, file }));
-  const found = [];
-  const walk = async (entry) => {
-    if (entry.name.startsWith(".")) return;
-    if (entry.isFile) {
-      const file = await new Promise((resolve, reject) => entry.file(resolve, reject));
-      found.push({ name: entry.fullPath.replace(/^\/+/, ""), file });
-    } else if (entry.isDirectory) {
-      const reader = entry.createReader();
-      // readEntries answers in pieces (100 at a time in Chromium) until it answers an empty list.
-      for (;;) {
-        const children = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
-        if (!children.length) break;
-        for (const child of children) await walk(child);
-      }
-    }
-  };
-  for (const entry of entries) await walk(entry);
-  return found;
-}
-
 function renderFiles() {
   const count = state.files.length;
   const bytes = state.files.reduce((sum, item) => sum + item.file.size, 0);
   ui.fileSummary.textContent = count
-    ? `${count} 张图片 images · ${formatBytes(bytes)}${count > CHUNK ? ` · ${Math.ceil(count / CHUNK)} 批 batches` : ""}`
+    ? `${count} 张图片 images · ${formatBytes(bytes)}${count > chunkSize
+      ? ` · ${Math.ceil(count / chunkSize)} 批 batches` : ""}`
     : "未选择图片 No images selected";
+  ui.refused.replaceChildren(...describeRefusals(state.refused, limits).map((line) => textElement("li", line)));
   ui.fileSample.replaceChildren(...state.files.slice(0, 5).map((item) => textElement("li", item.name)));
   if (count > 5) ui.fileSample.append(textElement("li", `… +${count - 5}`));
   ui.clearFiles.hidden = count === 0;
-}
-
-function formatBytes(bytes) {
-  const units = ["B", "KB", "MB", "GB"];
-  let value = bytes;
-  let unit = 0;
-  while (value >= 1024 && unit < units.length - 1) {
-    value /= 1024;
-    unit += 1;
-  }
-  return `${value.toFixed(unit ? 1 : 0)} ${units[unit]}`;
 }
 
 function textElement(tag, text, className) {
@@ -150,19 +127,20 @@ function textElement(tag, text, className) {
 function ensureRow(index, name) {
   if (state.rows[index]) return state.rows[index];
   const tr = document.createElement("tr");
-  const cells = ["index", "name", "status", "response", "error"].map((kind) => {
-    const td = document.createElement("td");
-    td.className = `col-${kind}`;
-    tr.append(td);
-    return td;
-  });
-  cells[0].textContent = String(index + 1);
-  cells[1].textContent = name || "";
-  cells[3].tabIndex = 0;
-  cells[3].title = "点击展开 Click to expand";
+  const cells = {};
+  for (const kind of ["index", "thumb", "name", "status", "response", "error"]) {
+    cells[kind] = document.createElement("td");
+    cells[kind].className = `col-${kind}`;
+    tr.append(cells[kind]);
+  }
+  cells.index.textContent = String(index + 1); // 1-based, like the file's place in the list
+  cells.thumb.append(thumbs.make(state.runFiles[index]?.file, name || ""));
+  cells.name.textContent = name || "";
+  cells.response.tabIndex = 0;
+  cells.response.title = "点击展开 Click to expand";
   const row = { tr, cells, status: null, response: "", error: "", expanded: false };
-  cells[3].addEventListener("click", () => toggleResponse(row));
-  cells[3].addEventListener("keydown", (event) => {
+  cells.response.addEventListener("click", () => toggleResponse(row));
+  cells.response.addEventListener("keydown", (event) => {
     if (event.key === "Enter" || event.key === " ") {
       event.preventDefault();
       toggleResponse(row);
@@ -182,8 +160,8 @@ function toggleResponse(row) {
 function showResponse(row) {
   const text = row.response || "";
   const long = text.length > SNIPPET_CHARS;
-  row.cells[3].textContent = row.expanded || !long ? text : `${text.slice(0, SNIPPET_CHARS)}…`;
-  row.cells[3].classList.toggle("expanded", row.expanded);
+  row.cells.response.textContent = row.expanded || !long ? text : `${text.slice(0, SNIPPET_CHARS)}…`;
+  row.cells.response.classList.toggle("expanded", row.expanded);
 }
 
 function setRowStatus(row, status) {
@@ -191,14 +169,14 @@ function setRowStatus(row, status) {
   row.status = status;
   const badge = textElement("span", STATUS_LABELS[status] || status, "badge");
   badge.dataset.status = status;
-  row.cells[2].replaceChildren(badge);
+  row.cells.status.replaceChildren(badge);
   row.tr.dataset.status = status;
 }
 
 /** Show one item of a batch's results (BatchItemResult) in its row. */
 function showItem(batch, item) {
   const row = ensureRow(batch.offset + item.index, item.name);
-  if (item.name && row.cells[1].textContent !== item.name) row.cells[1].textContent = item.name;
+  if (item.name && row.cells.name.textContent !== item.name) row.cells.name.textContent = item.name;
   setRowStatus(row, item.status);
   const response = item.response || "";
   if (response !== row.response) {
@@ -208,7 +186,7 @@ function showItem(batch, item) {
   const error = item.error ? `${item.error.code}: ${item.error.message}` : "";
   if (error !== row.error) {
     row.error = error;
-    row.cells[4].textContent = error;
+    row.cells.error.textContent = error;
   }
 }
 
@@ -230,11 +208,39 @@ function renderProgress() {
   if (sum.running) parts.push(`生成中 running ${sum.running}`);
   if (state.uploadNote) parts.push(state.uploadNote);
   ui.progressText.textContent = parts.join(" · ");
+  renderFailed();
+}
+
+/** The failed-only filter's count, and "retry failed" while their files are still selected in this page. */
+function renderFailed() {
+  const failed = failedRows();
+  ui.failedCount.textContent = String(failed.length);
+  const retryable = failed.filter((index) => state.runFiles[index]).length;
+  ui.retry.hidden = state.active || retryable === 0;
+  ui.retry.textContent = `重试失败的 ${retryable} 张 Retry ${retryable} failed`;
+}
+
+function failedRows() {
+  return state.rows.flatMap((row, index) => (row && row.status === "failed" ? [index] : []));
+}
+
+/** Start a new batch of just the failed files, from the files this page still holds. */
+function retryFailed() {
+  if (state.active) return;
+  const files = failedRows().map((index) => state.runFiles[index]).filter(Boolean);
+  if (!files.length) return;
+  state.files = files;
+  state.refused = [];
+  renderFiles();
+  run(files);
 }
 
 function addDownloads(batch, number) {
   const item = document.createElement("li");
-  item.append(textElement("span", `批次 Batch ${number} `), textElement("code", batch.id), " ");
+  // The table's "#" and a download's "index" differ by the batch's offset and one: say which rows are which.
+  const rows = `# ${batch.offset + 1}–${batch.offset + batch.total} = index 0–${batch.total - 1}`;
+  item.append(textElement("span", `批次 Batch ${number} `), textElement("code", batch.id), " ",
+    textElement("span", `(${rows})`, "rows-note"), " ");
   for (const format of ["csv", "jsonl"]) {
     const url = new URL(batch.links.results, window.location.origin);
     url.searchParams.set("format", format);
@@ -300,21 +306,25 @@ function responseFormat() {
   return { type: "json_schema", json_schema: { name: "result", schema, strict: true } };
 }
 
-function track(body, offset) {
+function track(body, offset, fresh) {
   const batch = { id: body.batch_id, offset, total: body.total, links: body.links, counts: body.counts,
     status: body.status, final: false, seen: "" };
   state.batches.push(batch);
   addDownloads(batch, state.batches.length);
-  const url = new URL(window.location.href);
-  url.search = new URLSearchParams(state.batches.map((b) => ["batch", b.id])).toString();
-  window.history.replaceState(null, "", url); // a reload finds the batches again
+  const ids = state.batches.map((b) => b.id);
+  const url = new URL(runHref(ids), window.location.origin);
+  window.history.replaceState(null, "", url.pathname + url.search); // a reload finds the batches again
+  if (fresh) pastRuns.remember(ids[0], batch.id, batch.total, ui.prompt.value.trim());
   return batch;
 }
 
-async function start(event) {
+function start(event) {
   event.preventDefault();
+  run(state.files);
+}
+
+async function run(files) {
   if (state.active) return;
-  const files = state.files;
   if (!files.length) return showFormError("请先选择图片 Choose some images first.");
   if (!ui.prompt.value.trim()) return showFormError("请输入提示词 Enter a prompt.");
   try {
@@ -323,18 +333,18 @@ async function start(event) {
     return showFormError("JSON Schema 不是有效的 JSON 对象 The JSON Schema box must hold a JSON object.");
   }
   showFormError("");
-  resetRun(files.length);
+  resetRun(files.length, files);
   files.forEach((item, index) => setRowStatus(ensureRow(index, item.name), "waiting"));
   const polling = pollLoop();
   const chunks = [];
-  for (let i = 0; i < files.length; i += CHUNK) chunks.push(files.slice(i, i + CHUNK));
+  for (let i = 0; i < files.length; i += chunkSize) chunks.push(files.slice(i, i + chunkSize));
   let offset = 0;
   try {
     for (const [i, chunk] of chunks.entries()) {
       if (state.cancelled) break;
       chunk.forEach((_, j) => setRowStatus(state.rows[offset + j], "uploading"));
       const body = await uploadSignedIn(chunk, i + 1, chunks.length);
-      track(body, offset);
+      track(body, offset, true);
       chunk.forEach((_, j) => setRowStatus(state.rows[offset + j], "queued"));
       offset += chunk.length;
     }
@@ -350,9 +360,13 @@ async function start(event) {
   await polling;
 }
 
-function resetRun(total) {
+function resetRun(total, files = []) {
   state.batches = [];
   state.rows = [];
+  thumbs.clear();
+  state.runFiles = files;
+  ui.failedOnly.checked = false;
+  ui.table.classList.remove("only-failed");
   state.total = total;
   state.cancelled = false;
   state.active = true;
@@ -384,6 +398,7 @@ async function pollLoop() {
   ui.start.disabled = false;
   ui.cancel.hidden = true;
   renderProgress();
+  pastRuns.render();
 }
 
 async function refresh(batch) {
@@ -421,7 +436,7 @@ async function resume(ids) {
   for (const id of ids) {
     try {
       const body = await api("GET", `/api/batches/${encodeURIComponent(id)}`);
-      track(body, offset);
+      track(body, offset, false);
       offset += body.total;
     } catch (err) {
       showFormError(`${id}: ${err.code}: ${err.message}`);
@@ -508,6 +523,7 @@ function setup() {
   ui.folderInput.addEventListener("change", () => fromInput(ui.folderInput));
   ui.clearFiles.addEventListener("click", () => {
     state.files = [];
+    state.refused = [];
     renderFiles();
   });
   for (const type of ["dragenter", "dragover"]) {
@@ -529,6 +545,9 @@ function setup() {
   });
   ui.form.addEventListener("submit", start);
   ui.cancel.addEventListener("click", cancel);
+  ui.retry.addEventListener("click", retryFailed);
+  ui.failedOnly.addEventListener("change", () => ui.table.classList.toggle("only-failed", ui.failedOnly.checked));
+  pastRuns = new History(ui.history, ui.clearHistory, api);
   window.addEventListener("beforeunload", (event) => {
     if (!state.xhr) return;
     event.preventDefault(); // leaving now would cut the upload short
@@ -550,6 +569,7 @@ async function main() {
   await access.start(); // asks for the key first when the server requires one and this browser has none
   state.keyId = access.keyId;
   showModelStatus();
+  pastRuns.render();
   const ids = new URLSearchParams(window.location.search).getAll("batch");
   if (ids.length) resume(ids);
 }
