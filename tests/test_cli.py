@@ -340,6 +340,10 @@ def test_the_installed_command_works_from_any_directory_with_the_server_from_vlg
     assert "--server or VLGATE_URL" in refused.stderr
     assert "VLGATE_URL" in " ".join(vlgate(elsewhere, None, "batch", "--help").stdout.split())
     assert "--port" in vlgate(elsewhere, None, "serve", "--help").stdout  # `make run`'s program, options and all
+    # `vlgate serve --port N` reaches run_local's own check (the port is taken: the stack's web holds it).
+    taken = stack.base.rsplit(":", 1)[1]
+    busy = vlgate(elsewhere, None, "serve", "--port", taken)
+    assert busy.returncode == 1 and f"Port {taken} is already in use" in busy.stderr, busy.stderr
     assert "--stop-timeout" in vlgate(elsewhere, None, "worker", "--help").stdout
     assert vlgate(elsewhere, None, "keys", "--help").returncode == 0
 
