@@ -194,8 +194,9 @@ def test_chat_streams_restores_after_reload_switches_theme_and_clears(page: Page
     expect(page.locator("#dark-mode")).to_be_checked()
     page.keyboard.press("Escape")
 
-    # Clear history: the page forgets the session and the server deleted it.
-    page.click("#clear-history")
+    # Delete the conversation (after a confirmation): the page forgets the session and the server deleted it.
+    page.click(".chat-item[aria-current='true'] .chat-delete")
+    page.click("#confirm-delete")
     expect(page.locator(".message")).to_have_count(0)
     expect(page.locator("#empty-hint")).to_be_visible()
     assert session_id(page) is None
@@ -301,10 +302,10 @@ def test_errors_are_shown_inline_in_plain_words(page: Page, stack: Stack) -> Non
     image_error = page.locator("#image-error")
     page.set_input_files("#image-input", files=[
         {"name": "huge.png", "mimeType": "image/png", "buffer": b"\0" * (10 * 1024 * 1024 + 1)}])
-    expect(image_error).to_contain_text("Image too large: 10.0 MB; the limit is 10.0 MB")
+    expect(image_error).to_contain_text('“huge.png” is not a readable')  # big is fine (shrunk); undecodable is not
     page.set_input_files("#image-input", files=[
         {"name": "broken.png", "mimeType": "image/png", "buffer": b"not an image at all"}])
-    expect(image_error).to_contain_text('"broken.png" is not a readable')
+    expect(image_error).to_contain_text('“broken.png” is not a readable')
     expect(page.locator("#preview")).to_be_hidden()
 
     page.focus("#max-tokens")
@@ -341,7 +342,7 @@ def worker_report(**fields: object) -> dict:
     ([worker_report(state="busy", gpu_name="NVIDIA H100", memory_used_mb=9120.0, memory_total_mb=81559.0)], "busy",
      ["Busy", "NVIDIA H100", "8.9 / 79.6 GB"]),
     ([worker_report(model_label="demo (random weights)", is_demo=True, fallback_reason="no network")], "ready",
-     ["Ready", "Demo model: random weights, answers are random text — no network"]),
+     ["Ready", "Demo model: random weights, answers are random text", "no network"]),
 ])
 def test_status_light_follows_the_health_report(page: Page, stack: Stack, workers: list, light: str,
                                                 shown: list[str]) -> None:

@@ -257,7 +257,7 @@ def test_chat_page_asks_once_streams_with_the_cookie_and_says_when_the_key_is_re
     expect(dialog).to_be_visible()
     expect(error).to_contain_text(f"The API key {second.prefix}… was revoked")
 
-    # A request refused for its key (here clearing the history) asks again too.
+    # A request refused for its key (here deleting the conversation) asks again too.
     third = make_key(stack, "chat-team-3")
     sign_in(page, third.secret)
     expect(page.locator("#account-name")).to_contain_text("chat-team-3")
@@ -265,7 +265,8 @@ def test_chat_page_asks_once_streams_with_the_cookie_and_says_when_the_key_is_re
     page.press("#prompt", "Enter")
     expect(page.locator(".message.assistant").last).to_have_attribute("data-status", "done")
     revoke(stack, third)
-    page.click("#clear-history")
+    page.click(".chat-item[aria-current='true'] .chat-delete")
+    page.click("#confirm-delete")
     expect(dialog).to_be_visible()
     expect(error).to_contain_text(f"The API key {third.prefix}… was revoked")
 

@@ -1,0 +1,204 @@
+"""The chat page's conversations, phone layout, honest status, photos, reloads and language, in a real Chromium.
+
+Against a live stack (gunicorn + a Celery demo worker + Redis + SQLite, devtools/live.py), driven by Playwright
+through Debian's /usr/bin/chromium. Set ``VLGATE_UPDATE_SCREENSHOT=1`` to refresh docs/chat-page-phone.png.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from playwright.sync_api import Browser, Page, expect
+
+from devtools import live
+from devtools.live import Stack
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_MS = 20_000
+PHONE = {"width": 390, "height": 844}
+DESKTOP = {"width": 1280, "height": 800}
+PHONE_SHOT = Path(__file__).resolve().parent.parent / "docs" / "chat-page-phone.png"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[Stack]:
+    """The whole service on SQLite with one demo worker."""
+    with live.running_stack("sqlite", tmp_path_factory.mktemp("stack-chat-page"), data_dir, "w-chat") as deployment:
+        yield deployment
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with live.chromium() as chromium:
+        yield chromium
+
+
+def open_page(browser: Browser, stack: Stack, problems: list[str], viewport: dict, **options: object) -> Page:
+    """A fresh profile on the chat page; script errors and CSP violations are collected in `problems`."""
+    expect.set_options(timeout=TIMEOUT_MS)
+    context = browser.new_context(viewport=viewport, color_scheme="light", **options)
+    tab = context.new_page()
+    tab.on("pageerror", lambda error: problems.append(str(error)))
+    tab.on("console", lambda msg: problems.append(msg.text) if "Content Security Policy" in msg.text else None)
+    tab.goto(f"{stack.base}/")
+    return tab
+
+
+@pytest.fixture
+def problems() -> Iterator[list[str]]:
+    found: list[str] = []
+    yield found
+    assert found == []
+
+
+@pytest.fixture
+def page(browser: Browser, stack: Stack, problems: list[str]) -> Iterator[Page]:
+    """A desktop-sized page in English."""
+    tab = open_page(browser, stack, problems, DESKTOP, locale="en-US")
+    yield tab
+    tab.context.close()
+
+
+def session_id(page: Page) -> str | None:
+    return page.evaluate("() => localStorage.getItem('vlgate.session_id')")
+
+
+def send(page: Page, prompt: str) -> None:
+    page.fill("#prompt", prompt)
+    page.press("#prompt", "Enter")
+
+
+def wait_until_answered(page: Page) -> None:
+    expect(page.locator(".message.assistant").last).not_to_have_attribute("data-status", "streaming")
+    expect(page.locator("#stop-button")).to_be_hidden()
+
+
+def short(page: Page) -> None:
+    """Shortest answers: max length at its minimum."""
+    page.focus("#max-tokens")
+    page.keyboard.press("Home")
+
+
+def test_new_chat_keeps_the_old_one_and_the_list_renames_switches_and_deletes(page: Page, stack: Stack) -> None:
+    items = page.locator("#chat-list .chat-item")
+    expect(page.locator("#chat-list")).to_contain_text("No chats yet")
+    short(page)
+    send(page, "First question about cats")
+    wait_until_answered(page)
+    first = session_id(page)
+    expect(items).to_have_count(1)
+    expect(items.first).to_have_attribute("aria-current", "true")
+
+    page.click("#new-chat")
+    expect(page.locator(".message")).to_have_count(0)
+    assert session_id(page) is None
+    send(page, "Second question about dogs")
+    wait_until_answered(page)
+    second = session_id(page)
+    assert second and second != first
+    expect(items.locator(".chat-open")).to_have_text(["Second question about dogs", "First question about cats"])
+
+    # Switching loads the other conversation from the server.
+    items.nth(1).locator(".chat-open").click()
+    expect(page.locator(".message.user .bubble")).to_have_text(["First question about cats"])
+    assert session_id(page) == first
+    expect(items.nth(1)).to_have_attribute("aria-current", "true")
+
+    # Rename in place; the name survives a reload, as does the open conversation.
+    items.nth(1).locator(".chat-rename").click()
+    page.fill(".chat-title-input", "Cats")
+    page.press(".chat-title-input", "Enter")
+    page.reload()
+    expect(items.locator(".chat-open")).to_have_text(["Second question about dogs", "Cats"])
+    expect(page.locator(".message.user .bubble")).to_have_text(["First question about cats"])
+
+    # Delete asks first; Cancel keeps it, Delete removes it on the server too.
+    items.first.locator(".chat-delete").click()
+    expect(page.locator("#confirm-dialog")).to_be_visible()
+    expect(page.locator("#confirm-text")).to_contain_text("Second question about dogs")
+    page.click("#confirm-cancel")
+    expect(items).to_have_count(2)
+    assert requests.get(f"{stack.base}/api/sessions/{second}", timeout=10).ok
+    items.first.locator(".chat-delete").click()
+    page.click("#confirm-delete")
+    expect(items).to_have_count(1)
+    assert requests.get(f"{stack.base}/api/sessions/{second}", timeout=10).status_code == 404
+    assert requests.get(f"{stack.base}/api/sessions/{first}", timeout=10).ok
+    expect(page.locator(".message.user .bubble")).to_have_text(["First question about cats"])  # not the open one
+
+
+def no_horizontal_scroll(page: Page) -> None:
+    width = page.evaluate("() => document.documentElement.scrollWidth")
+    assert width <= page.viewport_size["width"], f"the page is {width} px wide"
+
+
+def in_view(page: Page, selector: str) -> None:
+    box = page.locator(selector).bounding_box()
+    size = page.viewport_size
+    assert box and box["x"] >= 0 and box["y"] >= 0, (selector, box)
+    assert box["x"] + box["width"] <= size["width"] and box["y"] + box["height"] <= size["height"], (selector, box)
+
+
+def test_phone_layout_has_a_drawer_and_a_tappable_send(browser: Browser, stack: Stack, problems: list[str],
+                                                       tmp_path: Path) -> None:
+    page = open_page(browser, stack, problems, PHONE, locale="en-US", is_mobile=True, has_touch=True,
+                     device_scale_factor=2)
+    try:
+        expect(page.locator("#status-light")).to_have_attribute("data-state", "ready")
+        banner = page.locator("#demo-banner")
+        expect(banner).to_be_visible()
+        assert banner.bounding_box()["height"] < 70
+        no_horizontal_scroll(page)
+        expect(page.locator("#sidebar")).not_to_be_visible()
+        for selector in ("#send-button", "#attach-button", "#prompt", "#menu-button"):
+            in_view(page, selector)
+        # The attach button is in the input row.
+        row = [page.locator(s).bounding_box() for s in ("#attach-button", "#prompt", "#send-button")]
+        assert abs(row[0]["y"] + row[0]["height"] - row[2]["y"] - row[2]["height"]) < 2
+
+        # The panel opens as a drawer and closes on the scrim.
+        page.tap("#menu-button")
+        expect(page.locator("#sidebar")).to_be_visible()
+        page.wait_for_function("() => document.getElementById('sidebar').getBoundingClientRect().left === 0")
+        in_view(page, "#new-chat")
+        no_horizontal_scroll(page)
+        page.tap("#drawer-close")
+        expect(page.locator("#sidebar")).not_to_be_visible()
+
+        short(page)
+        page.fill("#prompt", "Hello from a phone")
+        page.tap("#send-button")
+        wait_until_answered(page)
+        no_horizontal_scroll(page)
+        in_view(page, "#send-button")
+        shot = tmp_path / "phone.png"
+        page.screenshot(path=str(shot))
+        if os.environ.get("VLGATE_UPDATE_SCREENSHOT"):
+            shutil.copyfile(shot, PHONE_SHOT)
+
+        page.click("#banner-close")
+        expect(banner).to_be_hidden()
+        page.reload()
+        expect(page.locator("#status-light")).to_have_attribute("data-state", "ready")
+        expect(banner).to_be_hidden()  # dismissed stays dismissed
+    finally:
+        page.context.close()
+
+
+def test_desktop_layout_keeps_the_panel(page: Page) -> None:
+    expect(page.locator("#sidebar")).to_be_visible()
+    expect(page.locator("#menu-button")).to_be_hidden()
+    no_horizontal_scroll(page)
+    for selector in ("#send-button", "#attach-button", "#new-chat"):
+        in_view(page, selector)
+    # The hidden file input is not a Tab stop: Tab from the image button goes on to the sliders.
+    page.focus("#choose-image")
+    page.keyboard.press("Tab")
+    assert page.evaluate("() => document.activeElement.id") == "temperature"
+    assert page.get_attribute("#temperature", "max") == "2"
