@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -202,3 +204,32 @@ def test_desktop_layout_keeps_the_panel(page: Page) -> None:
     page.keyboard.press("Tab")
     assert page.evaluate("() => document.activeElement.id") == "temperature"
     assert page.get_attribute("#temperature", "max") == "2"
+
+
+def test_a_frozen_worker_is_shown_as_lost_with_the_jobs_state(page: Page, stack: Stack) -> None:
+    """kill -STOP the worker mid-answer: within a couple of heartbeats the page says so, never just spins."""
+    expect(page.locator("#status-light")).to_have_attribute("data-state", "ready")
+    page.focus("#max-tokens")
+    page.keyboard.press("End")
+    send(page, "Tell me a very long story.")
+    page.wait_for_function("() => document.querySelector('.message.assistant .answer').textContent.length > 20"
+                           " && !document.querySelector('.message.assistant .thinking')")
+    worker = stack.workers[0].proc.pid
+    started = time.monotonic()
+    os.killpg(worker, signal.SIGSTOP)
+    try:
+        # The liveness mark lapses after 5 s; the page polls /api/health every 3 s.
+        expect(page.locator("#status-text")).to_have_text("Worker lost", timeout=15_000)
+        expect(page.locator("#status-light")).to_have_attribute("data-state", "error")
+        note = page.locator(".message.assistant .turn-note")
+        expect(note).to_contain_text("Worker lost")
+        expect(note).to_contain_text("job running")
+        assert time.monotonic() - started < 15
+        expect(page.locator("#stop-button")).to_be_enabled()
+    finally:
+        os.killpg(worker, signal.SIGCONT)
+    # The worker is back: the answer goes on (the note goes away with the next token) and can be stopped.
+    expect(note).to_have_count(0, timeout=30_000)
+    page.click("#stop-button")
+    wait_until_answered(page)
+    expect(page.locator("#status-light")).to_have_attribute("data-state", "ready", timeout=30_000)
