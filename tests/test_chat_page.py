@@ -6,6 +6,7 @@ through Debian's /usr/bin/chromium. Set ``VLGATE_UPDATE_SCREENSHOT=1`` to refres
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -15,9 +16,11 @@ from pathlib import Path
 
 import pytest
 import requests
+from PIL import Image
 from playwright.sync_api import Browser, Page, expect
 
 from devtools import live
+from devtools.databases import make_image
 from devtools.live import Stack
 
 pytestmark = pytest.mark.slow
@@ -204,6 +207,52 @@ def test_desktop_layout_keeps_the_panel(page: Page) -> None:
     page.keyboard.press("Tab")
     assert page.evaluate("() => document.activeElement.id") == "temperature"
     assert page.get_attribute("#temperature", "max") == "2"
+
+
+def big_photo() -> bytes:
+    """A 4000x3000 JPEG over 12 MB (noise compresses worst, like a detailed phone photo at full quality)."""
+    pixels = Image.frombytes("RGB", (4000, 3000), os.urandom(4000 * 3000 * 3))
+    out = io.BytesIO()
+    pixels.save(out, "JPEG", quality=95)
+    assert out.tell() > 12 * 1024 * 1024
+    return out.getvalue()
+
+
+def test_a_12_mb_photo_is_shrunk_in_the_browser_and_answered(page: Page, stack: Stack) -> None:
+    short(page)
+    page.set_input_files("#image-input", files=[{"name": "photo.jpg", "mimeType": "image/jpeg", "buffer": big_photo()}])
+    note = page.locator("#preview-note")
+    expect(note).to_contain_text("Shrunk in the browser from 4000×3000, 1")
+    expect(page.locator("#image-error")).to_be_hidden()
+    size = float(page.locator("#preview-name").inner_text().split("·")[1].split("MB")[0])
+    assert size <= 3.0
+    send(page, "What is in this photo?")
+    wait_until_answered(page)
+    expect(page.locator(".message.assistant").last).to_have_attribute("data-status", "done")
+    stored = requests.get(f"{stack.base}/api/sessions/{session_id(page)}", timeout=10).json()["messages"]
+    assert len(stored[0]["image_ids"]) == 1
+    image = Image.open(io.BytesIO(requests.get(f"{stack.base}/api/images/{stored[0]['image_ids'][0]}",
+                                               timeout=10).content))
+    assert max(image.size) <= 2048
+
+
+def test_an_image_alone_is_sent_with_a_stated_default_prompt_and_typing_goes_on_while_streaming(page: Page) -> None:
+    short(page)
+    page.set_input_files("#image-input", files=[
+        {"name": "red.png", "mimeType": "image/png", "buffer": make_image((64, 48), (200, 60, 40))}])
+    expect(page.locator("#preview")).to_be_visible()
+    page.focus("#max-tokens")
+    page.keyboard.press("End")
+    page.click("#send-button")
+    expect(page.locator(".message.user .bubble")).to_have_text("Describe this image.")
+    expect(page.locator(".message.user .meta")).to_contain_text("No question given")
+    expect(page.locator("#stop-button")).to_be_visible()
+    page.fill("#prompt", "Next question, typed while it streams")  # the input is usable meanwhile
+    page.press("#prompt", "Enter")  # does not send over a running answer
+    expect(page.locator(".message.user")).to_have_count(1)
+    page.click("#stop-button")
+    wait_until_answered(page)
+    expect(page.locator("#prompt")).to_have_value("Next question, typed while it streams")
 
 
 def test_a_frozen_worker_is_shown_as_lost_with_the_jobs_state(page: Page, stack: Stack) -> None:
