@@ -255,6 +255,57 @@ def test_an_image_alone_is_sent_with_a_stated_default_prompt_and_typing_goes_on_
     expect(page.locator("#prompt")).to_have_value("Next question, typed while it streams")
 
 
+AT_BOTTOM = "() => { const c = document.getElementById('conversation'); return c.scrollHeight > c.clientHeight" \
+            " && c.scrollHeight - c.scrollTop - c.clientHeight < 5; }"
+
+
+def test_reload_keeps_the_stop_note_the_scroll_and_the_sliders(page: Page) -> None:
+    page.focus("#temperature")
+    for _ in range(3):
+        page.keyboard.press("ArrowRight")
+    page.focus("#max-tokens")
+    page.keyboard.press("End")
+    expect(page.locator("#temperature-value")).to_have_text("0.8")
+    send(page, "Tell me a very long story.")
+    page.wait_for_function("() => document.querySelector('.message.assistant .answer').textContent.length > 1500")
+    page.click("#stop-button")
+    wait_until_answered(page)
+    meta = page.locator(".message.assistant .meta")
+    expect(meta).to_contain_text("Stopped · ")
+    stopped = meta.inner_text()
+    page.wait_for_function(AT_BOTTOM)
+
+    page.reload()
+    expect(page.locator(".message.assistant .meta")).to_have_text(stopped)
+    page.wait_for_function(AT_BOTTOM)
+    expect(page.locator("#temperature-value")).to_have_text("0.8")
+    expect(page.locator("#max-tokens-value")).to_have_text("2048")
+    assert page.input_value("#temperature") == "0.8"
+
+
+def test_language_follows_the_browser_switches_and_is_remembered(browser: Browser, stack: Stack,
+                                                                 problems: list[str]) -> None:
+    page = open_page(browser, stack, problems, DESKTOP, locale="zh-CN")
+    try:
+        assert page.evaluate("() => document.documentElement.lang") == "zh-CN"
+        expect(page.locator("#send-button")).to_have_text("发送")
+        expect(page.locator("#new-chat")).to_have_text("新对话")
+        expect(page.locator("#status-text")).to_have_text("就绪")
+        page.click("#settings-button")
+        page.select_option("#language", "en")
+        assert page.evaluate("() => document.documentElement.lang") == "en"
+        expect(page.locator("#send-button")).to_have_text("Send")
+        expect(page.locator("#status-text")).to_have_text("Ready")
+        assert "Enter sends" in page.get_attribute("#prompt", "placeholder")
+        page.reload()
+        expect(page.locator("#send-button")).to_have_text("Send")
+        expect(page.locator("#stop-button")).to_have_text("Stop")
+        expect(page.locator("#page-title")).to_contain_text("demo")  # the model really loaded, not a brand name
+        assert "demo" in page.title()
+    finally:
+        page.context.close()
+
+
 def test_a_frozen_worker_is_shown_as_lost_with_the_jobs_state(page: Page, stack: Stack) -> None:
     """kill -STOP the worker mid-answer: within a couple of heartbeats the page says so, never just spins."""
     expect(page.locator("#status-light")).to_have_attribute("data-state", "ready")

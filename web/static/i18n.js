@@ -5,7 +5,7 @@ const LANG_KEY = "vlgate.lang";
 
 const STRINGS = {
   en: {
-    title: "Qwen3-VL chat", controls: "Controls", chats: "Chats", newChat: "New chat", noChats: "No chats yet",
+    title: "vlgate chat", controls: "Controls", chats: "Chats", newChat: "New chat", noChats: "No chats yet",
     untitled: "Untitled chat", rename: "Rename", delete: "Delete", cancel: "Cancel",
     confirmDelete: "Delete “{title}”? Its messages are deleted on the server and cannot be restored.",
     status: "Status", connecting: "Connecting…", image: "Image", attach: "Attach an image",
@@ -31,7 +31,7 @@ const STRINGS = {
     connectionLost: "The connection was lost before the server accepted the message; please send it again.",
   },
   zh: {
-    title: "Qwen3-VL 对话", controls: "控制面板", chats: "对话", newChat: "新对话", noChats: "还没有对话",
+    title: "vlgate 对话", controls: "控制面板", chats: "对话", newChat: "新对话", noChats: "还没有对话",
     untitled: "未命名对话", rename: "重命名", delete: "删除", cancel: "取消",
     confirmDelete: "删除“{title}”？服务器上的消息将被删除，无法恢复。",
     status: "模型状态", connecting: "连接中…", image: "图片", attach: "添加图片",

@@ -54,7 +54,7 @@ export class StatusPanel {
     ui.statusError.textContent = summary.errors.join("\n");
     ui.statusError.hidden = !summary.errors.length;
     ui.light.title = ui.statusError.textContent || summary.text; // the error on hover, too
-    if (summary.name) ui.title.textContent = `vlgate · ${summary.name}`;
+    if (summary.name) ui.title.textContent = document.title = `vlgate · ${summary.name}`; // the model really served
     ui.demoText.textContent = summary.demo || "";
     ui.banner.hidden = !summary.demo || storage("get", BANNER_KEY) === "1";
     this.onReport(summary);
