@@ -18,7 +18,10 @@ import pytest
 import requests
 from PIL import Image
 from playwright.sync_api import Browser, Page, expect
+from sqlalchemy.orm import Session
 
+from common.ids import new_id, utcnow
+from common.models import ChatSession, Message
 from devtools import live
 from devtools.databases import make_image
 from devtools.live import Stack
@@ -306,6 +309,82 @@ def test_language_follows_the_browser_switches_and_is_remembered(browser: Browse
         page.context.close()
 
 
+CODE_ANSWER = "Here:\n\n```python\ndef greet(name):\n    return 'hi ' + name\n```\n"
+
+
+def test_copy_highlighted_code_and_messages(browser: Browser, stack: Stack, problems: list[str]) -> None:
+    sid = new_id("sess")
+    now = utcnow()
+    with Session(stack.db) as db:
+        db.add(ChatSession(id=sid, created_at=now, updated_at=now))
+        db.add(Message(session_id=sid, role="user", text="Show me Python", created_at=now))
+        db.add(Message(session_id=sid, role="assistant", text=CODE_ANSWER, created_at=now))
+        db.commit()
+    page = open_page(browser, stack, problems, DESKTOP, locale="en-US",
+                     permissions=["clipboard-read", "clipboard-write"])
+    try:
+        page.evaluate("sid => localStorage.setItem('vlgate.session_id', sid)", sid)
+        page.reload()
+        code = page.locator(".answer pre code")
+        expect(code).to_have_class("language-python hljs")  # highlighted by the vendored highlight.js
+        expect(code.locator(".hljs-keyword").first).to_have_text("def")
+        page.click(".answer pre .action")
+        assert page.evaluate("() => navigator.clipboard.readText()") == "def greet(name):\n    return 'hi ' + name\n"
+        page.click(".message.assistant .actions [data-action=copy]")
+        assert page.evaluate("() => navigator.clipboard.readText()") == CODE_ANSWER
+        page.click(".message.user .actions [data-action=copy]")
+        assert page.evaluate("() => navigator.clipboard.readText()") == "Show me Python"
+    finally:
+        page.context.close()
+
+
+def stored(stack: Stack, sid: str | None) -> list[dict]:
+    return requests.get(f"{stack.base}/api/sessions/{sid}", timeout=10).json()["messages"]
+
+
+def test_regenerate_and_edit_and_resend_branch_the_conversation(page: Page, stack: Stack) -> None:
+    short(page)
+    page.set_input_files("#image-input", files=[
+        {"name": "red.png", "mimeType": "image/png", "buffer": make_image((64, 48), (200, 60, 40))}])
+    send(page, "Question one")
+    wait_until_answered(page)
+    send(page, "Question two")
+    wait_until_answered(page)
+    original = session_id(page)
+    titles = page.locator("#chat-list .chat-open")
+
+    # Enlarge the image, and close it with a click.
+    page.click(".message-images img")
+    expect(page.locator("#image-dialog")).to_be_visible()
+    assert page.get_attribute("#image-large", "src") == page.get_attribute(".message-images img", "src")
+    page.click("#image-large")
+    expect(page.locator("#image-dialog")).to_be_hidden()
+
+    # Regenerate the last answer: a branch with the first turn copied and the last question asked again.
+    page.locator(".message.assistant").last.locator("[data-action=regenerate]").click()
+    expect(titles).to_have_text(["Question one (branch)", "Question one"])
+    expect(page.locator(".message.user .bubble")).to_have_text(["Question one", "Question two"])
+    wait_until_answered(page)
+    expect(page.locator(".message.assistant").last).to_have_attribute("data-status", "done")
+    branch = session_id(page)
+    assert branch != original
+    was, now = stored(stack, original), stored(stack, branch)
+    assert len(was) == len(now) == 4
+    assert was[:2] == now[:2] and now[2]["text"] == "Question two" and now[3]["job_id"] != was[3]["job_id"]
+
+    # Edit the first question and resend it: a new conversation from there, with the question's image.
+    page.locator(".message.user").first.locator("[data-action=edit]").click()
+    page.fill(".editor textarea", "Question one, edited")
+    page.click(".editor .primary")
+    expect(page.locator(".message.user .bubble")).to_have_text(["Question one, edited"])
+    wait_until_answered(page)
+    edited = stored(stack, session_id(page))
+    assert [m["text"] for m in edited][:1] == ["Question one, edited"] and len(edited) == 2
+    assert edited[0]["image_ids"] == was[0]["image_ids"]  # the same picture (stored once per tenant)
+    expect(titles).to_have_text(["Question one, edited", "Question one (branch)", "Question one"])
+    assert len(stored(stack, original)) == 4  # the original is untouched
+
+
 def test_a_frozen_worker_is_shown_as_lost_with_the_jobs_state(page: Page, stack: Stack) -> None:
     """kill -STOP the worker mid-answer: within a couple of heartbeats the page says so, never just spins."""
     expect(page.locator("#status-light")).to_have_attribute("data-state", "ready")
@@ -333,3 +412,22 @@ def test_a_frozen_worker_is_shown_as_lost_with_the_jobs_state(page: Page, stack:
     page.click("#stop-button")
     wait_until_answered(page)
     expect(page.locator("#status-light")).to_have_attribute("data-state", "ready", timeout=30_000)
+
+
+def test_fork_endpoint_copies_a_prefix_and_refuses_bad_cuts(stack: Stack) -> None:
+    first = requests.post(f"{stack.base}/api/chat", json={"prompt": "One", "max_tokens": 8}, timeout=60).json()
+    sid = first["session_id"]
+    requests.post(f"{stack.base}/api/chat", json={"prompt": "Two", "max_tokens": 8, "session_id": sid}, timeout=60)
+    fork = f"{stack.base}/api/sessions/{sid}/fork"
+    whole = requests.post(fork, timeout=10)
+    assert whole.status_code == 201 and whole.json()["session_id"] != sid
+    assert whole.json()["messages"] == stored(stack, sid)
+    part = requests.post(fork, json={"before": 2}, timeout=10).json()
+    assert [m["text"] for m in part["messages"]] == ["One", stored(stack, sid)[1]["text"]]
+    for body, words in (({"before": 9}, "past the conversation"), ({"before": 1}, "question without its answer"),
+                        ({"before": -1}, "before"), ({"before": "x"}, "before"), ({"after": 1}, "after")):
+        refused = requests.post(fork, json=body, timeout=10)
+        assert refused.status_code == 400, body
+        assert refused.json()["error"]["code"] == "invalid_request" and words in refused.json()["error"]["message"]
+    missing = requests.post(f"{stack.base}/api/sessions/sess_nope/fork", json={"before": 0}, timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "session_not_found"

@@ -47,6 +47,7 @@ from web.openai.protocol import (
     ModelList,
     OpenAIErrorResponse,
 )
+from web.services.sessions import SessionFork
 from web.services.upload import FORM_FIELDS
 
 API_VERSION = "0.1.0"
@@ -188,6 +189,10 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("get", "/api/sessions/{session_id}", "Read a conversation's turns",
               {200: (SessionPublic, "The conversation.")}, errors=("session_not_found",),
               path_params=("session_id",)),
+    Operation("post", "/api/sessions/{session_id}/fork",
+              "Copy a conversation's first messages into a new one (edit a question, regenerate an answer)",
+              {201: (SessionPublic, "The new conversation.")}, request=SessionFork, body_required=False,
+              errors=("session_not_found", "invalid_request"), path_params=("session_id",)),
     Operation("delete", "/api/sessions/{session_id}", "Delete a conversation and cancel its unfinished jobs",
               {200: (SessionDeleted, "Deleted.")}, errors=("session_not_found",), path_params=("session_id",)),
     Operation("get", "/api/images/{image_id}", "Download a stored (normalised) image",

@@ -3,9 +3,10 @@
 // status.js + health.js (the light), socket.js (connections), auth.js (the key dialog), i18n.js (language).
 // This module owns the page's state and the turns.
 
-import { Attachment } from "./attach.js";
+import { setUpActions } from "./actions.js";
+import { Attachment, readAsDataUrl } from "./attach.js";
 import { Access, errorOf, isAuthError } from "./auth.js";
-import { Conversations, storage } from "./conversations.js";
+import { Conversations, storage, titleFrom } from "./conversations.js";
 import { t, translatePage } from "./i18n.js";
 import { closeDrawer, setUpSettings, setUpSliders } from "./settings.js";
 import { StatusPanel } from "./status.js";
@@ -167,7 +168,8 @@ async function restoreSession() {
     const answered = [];
     for (const message of body.messages) {
       if (message.role === "user") {
-        addUserMessage(message.text, message.image_ids.map((id) => `/api/images/${encodeURIComponent(id)}`));
+        const root = addUserMessage(message.text, message.image_ids.map((id) => `/api/images/${encodeURIComponent(id)}`));
+        root.dataset.jobId = message.job_id || "";
       } else {
         const root = addAssistantMessage(message.text).root;
         root.dataset.jobId = message.job_id || "";
@@ -242,13 +244,20 @@ async function sendMessage() {
     return;
   }
   const image = attachment.image;
-  let prompt = ui.prompt.value.trim();
+  const prompt = ui.prompt.value.trim();
   if (!prompt && !image) {
     ui.prompt.focus();
     return;
   }
-  const defaulted = !prompt;
-  if (defaulted) prompt = t("defaultPrompt"); // an image alone: ask the stated default question
+  ui.prompt.value = "";
+  autoGrow();
+  attachment.clear();
+  await submit(prompt, image);
+}
+
+/** Send one question (an image alone asks the stated default question) in the open conversation. */
+async function submit(typed, image) {
+  const prompt = typed || t("defaultPrompt");
   const request = {
     type: "chat",
     prompt,
@@ -259,12 +268,10 @@ async function sendMessage() {
   if (image) request.image = image.dataUrl;
 
   const userRoot = addUserMessage(prompt, image ? [image.dataUrl] : []);
-  if (defaulted) addNote(userRoot, "meta", t("defaultPromptNote", { prompt }));
+  if (!typed) addNote(userRoot, "meta", t("defaultPromptNote", { prompt }));
   const turn = startTurn(addAssistantMessage(null, "streaming"));
-  turn.request = { prompt: defaulted ? "" : prompt, image };
-  ui.prompt.value = "";
-  autoGrow();
-  attachment.clear();
+  turn.request = { prompt: typed, image };
+  turn.userRoot = userRoot;
   try {
     // Checked again once connected: a turn abandoned meanwhile (another conversation opened) is never sent.
     await chatSocket.send(request, () => state.turn === turn);
@@ -272,6 +279,45 @@ async function sendMessage() {
   } catch {
     failTurn(turn, t("cannotReach"));
   }
+}
+
+// ---------------------------------------------------------------- branches: edit and resend, regenerate
+
+async function imageAsDataUrl(imageId) {
+  const response = await access.fetch(`/api/images/${encodeURIComponent(imageId)}`);
+  if (!response.ok) throw new Error(`HTTP ${response.status}`);
+  const blob = await response.blob();
+  return { dataUrl: await readAsDataUrl(blob), name: imageId, size: blob.size, note: "" };
+}
+
+/**
+ * Copy the open conversation up to the question that `root` asks or answers into a new conversation, open it,
+ * and ask that question there again (as `text` when edited). The original conversation stays as it was.
+ */
+async function branchFrom(root, text = null) {
+  if (state.turn || state.restoring || !state.sessionId) return;
+  const jobId = root.dataset.jobId;
+  const fail = (message) => addNote(root, "error", message);
+  const session = await api(`/api/sessions/${encodeURIComponent(state.sessionId)}`);
+  if (!session.ok) return fail(serverMessage(session.body, `HTTP ${session.status}`));
+  const index = session.body.messages.findIndex((m) => m.role === "user" && m.job_id === jobId);
+  if (!jobId || index < 0) return fail("This message is not stored on the server, so it cannot be branched.");
+  const question = session.body.messages[index];
+  let image = null;
+  try {
+    if (question.image_ids.length) image = await imageAsDataUrl(question.image_ids[0]);
+  } catch (err) {
+    return fail(`Could not load the image: ${err.message}`);
+  }
+  const fork = await api(`/api/sessions/${encodeURIComponent(state.sessionId)}/fork`, {
+    method: "POST", headers: { Accept: "application/json", "Content-Type": "application/json" },
+    body: JSON.stringify({ before: index }),
+  });
+  if (!fork.ok) return fail(serverMessage(fork.body, `HTTP ${fork.status}`));
+  const title = conversations.find(state.sessionId)?.title || titleFrom(question.text);
+  conversations.remember(fork.body.session_id, index ? t("branch", { title }) : (text ?? question.text));
+  await openConversation(fork.body.session_id);
+  await submit(text ?? question.text, image);
 }
 
 /** Refused before it was accepted: give the user back what they wrote instead of making them type it again. */
@@ -292,6 +338,7 @@ function onChatEvent(event) {
     }
     turn.jobId = event.job_id;
     turn.view.root.dataset.jobId = event.job_id;
+    if (turn.userRoot) turn.userRoot.dataset.jobId = event.job_id;
     rememberSession(event.session_id);
     conversations.remember(event.session_id, turn.request.prompt || t("defaultPrompt"));
     conversations.touch(event.session_id);
@@ -385,6 +432,10 @@ setUpSettings(ui, { onLanguage: () => {
 } });
 setUpControls();
 attachment.setUp($("dropzone"));
+setUpActions(ui.conversation, $("image-dialog"), $("image-large"), {
+  edit: (root, text) => branchFrom(root, text),
+  regenerate: (root) => branchFrom(root),
+});
 updateComposer();
 status.refresh();
 access.onChange(onKeyChanged);

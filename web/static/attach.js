@@ -8,7 +8,7 @@ const SHRINK_ABOVE_BYTES = 3 * 1024 * 1024;
 
 export const megabytes = (bytes) => (bytes / (1024 * 1024)).toFixed(1);
 
-function readAsDataUrl(blob) {
+export function readAsDataUrl(blob) {
   return new Promise((resolve, reject) => {
     const reader = new FileReader();
     reader.onload = () => resolve(reader.result);

@@ -29,6 +29,8 @@ const STRINGS = {
     silentNote: "No reply for {s} s — job {status}.",
     cannotReach: "Cannot reach the server (the WebSocket is not connected); try again shortly.",
     connectionLost: "The connection was lost before the server accepted the message; please send it again.",
+    copy: "Copy", copyCode: "Copy the code", edit: "Edit and resend", regenerate: "Regenerate", sendEdit: "Send",
+    branch: "{title} (branch)",
   },
   zh: {
     title: "vlgate 对话", controls: "控制面板", chats: "对话", newChat: "新对话", noChats: "还没有对话",
@@ -55,6 +57,8 @@ const STRINGS = {
     silentNote: "{s} 秒没有回应——任务 {status}。",
     cannotReach: "无法连接服务器（WebSocket 未连接），请稍后再试。",
     connectionLost: "服务器接收消息前连接中断，请重新发送。",
+    copy: "复制", copyCode: "复制代码", edit: "编辑并重新发送", regenerate: "重新生成", sendEdit: "发送",
+    branch: "{title}（分支）",
   },
 };
 

@@ -1,6 +1,7 @@
 // The conversation's DOM: user and assistant messages, notes under them, scrolling, and each message's
 // actions (copy, regenerate, edit and resend, enlarge an image). The page (app.js) decides what they do.
 
+import { addActions, decorateCode } from "./actions.js";
 import { t } from "./i18n.js";
 import { renderMarkdown } from "./markdown.js";
 
@@ -45,6 +46,7 @@ export function addUserMessage(text, imageSources) {
     root.prepend(images);
   }
   bubble.textContent = text; // the user's own text, shown verbatim (never parsed as HTML)
+  addActions(root, "user");
   return root;
 }
 
@@ -55,8 +57,9 @@ export function addAssistantMessage(text = null, status = "done") {
   answer.className = "answer";
   bubble.append(answer);
   const view = { root, bubble, answer, pending: 0 };
-  setAnswer(view, text);
   root.dataset.status = status;
+  setAnswer(view, text);
+  addActions(root, "assistant");
   return view;
 }
 
@@ -66,8 +69,9 @@ export function setAnswer(view, text) {
       view.answer.innerHTML = `<span class="thinking">${t("thinking")}</span>`;
     } else {
       view.answer.innerHTML = renderMarkdown(text);
+      if (view.root.dataset.status !== "streaming") decorateCode(view.answer); // once, when it is final
     }
-    view.text = text || "";
+    view.root.dataset.text = text || "";
   });
 }
 
