@@ -1,23 +1,25 @@
 // The vlgate chat page: conversations, image upload, sliders, and answers streamed over WebSocket.
-// Plain ES modules, no build step: conversations.js (the list), view.js (messages), attach.js (images),
-// status.js + health.js (the light), socket.js (connections), auth.js (the key dialog), i18n.js (language).
-// This module owns the page's state and the turns.
+// Plain ES modules, no build step: conversations.js (the list), history.js (a conversation loaded back),
+// branch.js (edit and resend, regenerate), view.js + actions.js (messages and their buttons), turns.js (answers
+// being written), attach.js (images), status.js + health.js (the light), settings.js (theme, language, drawer,
+// sliders), socket.js (connections), auth.js (the key dialog), i18n.js (words). This module owns the page's
+// state and wires them together.
 
 import { setUpActions } from "./actions.js";
-import { Attachment, readAsDataUrl } from "./attach.js";
+import { Attachment } from "./attach.js";
 import { Access, errorOf, isAuthError } from "./auth.js";
-import { Conversations, storage, titleFrom } from "./conversations.js";
+import { branchFrom, setUpBranches } from "./branch.js";
+import { Conversations, storage } from "./conversations.js";
+import { restoreSession, saveScroll, setUpHistory } from "./history.js";
 import { t, translatePage } from "./i18n.js";
 import { closeDrawer, setUpSettings, setUpSliders } from "./settings.js";
 import { StatusPanel } from "./status.js";
 import { ChatSocket, wsUrl } from "./socket.js";
 import { addAssistantMessage, addMessage, addNote, addUserMessage, emptyConversation } from "./view.js";
-import { applyJobEvent, detachTurn, endTurn, failTurn, followJob, metaLine, setUpTurns, startTurn, stopGeneration,
+import { applyJobEvent, detachTurn, endTurn, failTurn, followJob, setUpTurns, startTurn, stopGeneration,
          workerLost } from "./turns.js";
 
 const SESSION_KEY = "vlgate.session_id";
-const SCROLL_KEY = "vlgate.scroll";
-const UNFINISHED = ["queued", "running"];
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -136,105 +138,6 @@ async function deleteConversation(sessionId) {
   return true;
 }
 
-/** Show the "Stopped · N tokens · tok/s" lines of finished answers again (they are not part of the turns). */
-async function restoreMetaLines(views) {
-  await Promise.all(views.map(async (root) => {
-    const { ok, body } = await api(`/api/jobs/${encodeURIComponent(root.dataset.jobId)}`);
-    const meta = ok ? metaLine(body) : "";
-    if (meta && root.isConnected) addNote(root, "meta", meta);
-  }));
-}
-
-/** Rebuild the conversation from the server after a reload, and re-attach to an answer still being written. */
-async function restoreSession() {
-  if (!state.sessionId) return;
-  const sessionId = state.sessionId;
-  state.restoring = true;
-  updateComposer();
-  try {
-    const { ok, status: code, body } = await api(`/api/sessions/${encodeURIComponent(sessionId)}`);
-    if (sessionId !== state.sessionId) return; // another conversation was opened meanwhile
-    if (code === 404) {
-      conversations.forget(sessionId); // deleted elsewhere, or another key's: start fresh
-      forgetSession();
-      return;
-    }
-    if (!ok) {
-      addNote(addMessage("assistant").root, "error", serverMessage(body, `Could not load the conversation (HTTP ${code}).`));
-      return;
-    }
-    const first = body.messages.find((m) => m.role === "user");
-    conversations.remember(sessionId, first?.text);
-    const answered = [];
-    for (const message of body.messages) {
-      if (message.role === "user") {
-        const root = addUserMessage(message.text, message.image_ids.map((id) => `/api/images/${encodeURIComponent(id)}`));
-        root.dataset.jobId = message.job_id || "";
-      } else {
-        const root = addAssistantMessage(message.text).root;
-        root.dataset.jobId = message.job_id || "";
-        if (message.job_id) answered.push(root);
-      }
-    }
-    await restoreMetaLines(answered.slice(-20));
-    restoreScroll();
-    const last = body.messages.at(-1);
-    if (last?.role === "user" && last.job_id) await reattach(last.job_id);
-  } catch (err) {
-    addNote(addMessage("assistant").root, "error", `Could not load the conversation: ${err.message}`);
-  } finally {
-    state.restoring = false;
-    updateComposer();
-    if (state.sendWhenReady && !state.turn) {
-      state.sendWhenReady = false;
-      sendMessage();
-    }
-  }
-}
-
-/** The last turn has no answer yet: follow its job if it still runs, or say why it has none. */
-async function reattach(jobId) {
-  const { ok, body } = await api(`/api/jobs/${encodeURIComponent(jobId)}`);
-  if (!ok) return;
-  if (UNFINISHED.includes(body.status)) {
-    const turn = startTurn(addAssistantMessage(null, "streaming"));
-    turn.jobId = jobId;
-    turn.via = "follow";
-    followJob(turn);
-  } else if (body.status === "failed") {
-    const view = addAssistantMessage(null, "error");
-    view.bubble.hidden = true;
-    addNote(view.root, "error", serverMessage(body, "The generation failed."));
-  }
-}
-
-// ---------------------------------------------------------------- scroll across reloads
-
-function saveScroll() {
-  const c = ui.conversation;
-  storage("set", SCROLL_KEY, JSON.stringify({ id: state.sessionId, fromBottom: c.scrollHeight - c.scrollTop - c.clientHeight }));
-}
-
-/** Put the conversation back where the reader left it (at the bottom unless they had scrolled up). */
-function restoreScroll() {
-  let saved = null;
-  try {
-    saved = JSON.parse(storage("get", SCROLL_KEY) || "null");
-  } catch {
-    /* nothing saved */
-  }
-  const fromBottom = saved?.id === state.sessionId ? Math.max(0, Number(saved.fromBottom) || 0) : 0;
-  const apply = () => {
-    const c = ui.conversation;
-    c.scrollTop = c.scrollHeight - c.clientHeight - (fromBottom < 80 ? 0 : fromBottom);
-  };
-  apply();
-  // Images load after the text: keep the same place once they have a height.
-  for (const img of ui.conversation.querySelectorAll("img")) {
-    if (!img.complete) img.addEventListener("load", apply, { once: true });
-  }
-}
-
 // ---------------------------------------------------------------- sending
 
 async function sendMessage() {
@@ -279,45 +182,6 @@ async function submit(typed, image) {
   } catch {
     failTurn(turn, t("cannotReach"));
   }
-}
-
-// ---------------------------------------------------------------- branches: edit and resend, regenerate
-
-async function imageAsDataUrl(imageId) {
-  const response = await access.fetch(`/api/images/${encodeURIComponent(imageId)}`);
-  if (!response.ok) throw new Error(`HTTP ${response.status}`);
-  const blob = await response.blob();
-  return { dataUrl: await readAsDataUrl(blob), name: imageId, size: blob.size, note: "" };
-}
-
-/**
- * Copy the open conversation up to the question that `root` asks or answers into a new conversation, open it,
- * and ask that question there again (as `text` when edited). The original conversation stays as it was.
- */
-async function branchFrom(root, text = null) {
-  if (state.turn || state.restoring || !state.sessionId) return;
-  const jobId = root.dataset.jobId;
-  const fail = (message) => addNote(root, "error", message);
-  const session = await api(`/api/sessions/${encodeURIComponent(state.sessionId)}`);
-  if (!session.ok) return fail(serverMessage(session.body, `HTTP ${session.status}`));
-  const index = session.body.messages.findIndex((m) => m.role === "user" && m.job_id === jobId);
-  if (!jobId || index < 0) return fail("This message is not stored on the server, so it cannot be branched.");
-  const question = session.body.messages[index];
-  let image = null;
-  try {
-    if (question.image_ids.length) image = await imageAsDataUrl(question.image_ids[0]);
-  } catch (err) {
-    return fail(`Could not load the image: ${err.message}`);
-  }
-  const fork = await api(`/api/sessions/${encodeURIComponent(state.sessionId)}/fork`, {
-    method: "POST", headers: { Accept: "application/json", "Content-Type": "application/json" },
-    body: JSON.stringify({ before: index }),
-  });
-  if (!fork.ok) return fail(serverMessage(fork.body, `HTTP ${fork.status}`));
-  const title = conversations.find(state.sessionId)?.title || titleFrom(question.text);
-  conversations.remember(fork.body.session_id, index ? t("branch", { title }) : (text ?? question.text));
-  await openConversation(fork.body.session_id);
-  await submit(text ?? question.text, image);
 }
 
 /** Refused before it was accepted: give the user back what they wrote instead of making them type it again. */
@@ -425,6 +289,13 @@ function onKeyChanged(info) {
 
 setUpTurns({ state, ui, api, status, serverMessage, giveBack, updateComposer, socket: () => chatSocket,
              onFinished: (turn) => state.sessionId && conversations.touch(state.sessionId) });
+setUpHistory({ state, ui, api, serverMessage, conversations, forgetSession, updateComposer, onRestored: () => {
+  if (state.sendWhenReady && !state.turn) {
+    state.sendWhenReady = false;
+    sendMessage();
+  }
+} });
+setUpBranches({ state, api, access, serverMessage, conversations, openConversation, submit });
 translatePage();
 setUpSettings(ui, { onLanguage: () => {
   conversations.render();
