@@ -176,10 +176,10 @@ def test_phone_layout_has_a_drawer_and_a_tappable_send(browser: Browser, stack: 
         page.wait_for_function("() => document.getElementById('sidebar').getBoundingClientRect().left === 0")
         in_view(page, "#new-chat")
         no_horizontal_scroll(page)
+        short(page)  # the sliders are in the drawer
         page.tap("#drawer-close")
         expect(page.locator("#sidebar")).not_to_be_visible()
 
-        short(page)
         page.fill("#prompt", "Hello from a phone")
         page.tap("#send-button")
         wait_until_answered(page)

@@ -23,7 +23,7 @@ function button(action, text, label) {
 export function addActions(root, role) {
   const bar = document.createElement("div");
   bar.className = "actions";
-  bar.append(button("copy", "⧉", t("copy")));
+  bar.append(button("copy", t("copy"), t("copy")));
   if (role === "user") bar.append(button("edit", "✎", t("edit")));
   else bar.append(button("regenerate", "↻", t("regenerate")));
   root.append(bar);
@@ -38,7 +38,7 @@ async function copyText(text, feedbackOn) {
     feedbackOn.textContent = "✗"; // no clipboard (an insecure origin, or permission refused)
   }
   setTimeout(() => {
-    feedbackOn.textContent = feedbackOn.dataset.action === "copy-code" ? t("copy") : "⧉";
+    feedbackOn.textContent = t("copy");
     delete feedbackOn.dataset.copied;
   }, COPIED_MS);
 }
