@@ -43,7 +43,7 @@ def results(stack: live.Stack, batch_id: str, fmt: str = "json") -> list[dict]:
     if fmt == "jsonl":
         return [json.loads(line) for line in answer.text.splitlines() if line]
     if fmt == "csv":
-        return list(csv.DictReader(io.StringIO(answer.text)))
+        return list(csv.DictReader(io.StringIO(answer.content.decode("utf-8-sig"))))  # CSV starts with a BOM
     return answer.json()["results"]
 
 

@@ -23,7 +23,10 @@ pytestmark = pytest.mark.slow
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
     """A full deployment per database backend (the demo checkpoint is shared through data_dir)."""
     tmp = tmp_path_factory.mktemp(f"stack-{request.param}")
-    with live.running_stack(request.param, tmp, data_dir, f"w1-{request.param}") as deployment:
+    # One decode row and no chat reserve: a second job waits in the queue while the first generates, so
+    # "cancel while queued" does not race the worker admitting it into the running rows.
+    with live.running_stack(request.param, tmp, data_dir, f"w1-{request.param}", VLGATE_MAX_BATCH="1",
+                            VLGATE_CHAT_RESERVE="0") as deployment:
         yield deployment
 
 
