@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import signal
 import time
@@ -412,6 +413,36 @@ def test_a_frozen_worker_is_shown_as_lost_with_the_jobs_state(page: Page, stack:
     page.click("#stop-button")
     wait_until_answered(page)
     expect(page.locator("#status-light")).to_have_attribute("data-state", "ready", timeout=30_000)
+
+
+def test_a_silent_answer_gets_a_visible_timeout_with_the_jobs_state(browser: Browser, stack: Stack,
+                                                                    problems: list[str]) -> None:
+    """No event for 30 s (the page's clock is wound on) while the worker still looks alive: a note, not a spinner."""
+    expect.set_options(timeout=TIMEOUT_MS)
+    context = browser.new_context(viewport=DESKTOP, locale="en-US")
+    page = context.new_page()
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.clock.install()
+    page.goto(f"{stack.base}/")
+    try:
+        expect(page.locator("#status-light")).to_have_attribute("data-state", "ready")
+        page.route("**/api/health", lambda route: route.abort())  # no "worker lost" from the light in this test
+        worker = stack.workers[0].proc.pid
+        os.killpg(worker, signal.SIGSTOP)  # accepted, then nothing more arrives
+        try:
+            send(page, "Anyone there?")
+            expect(page.locator(".message.assistant")).to_have_attribute("data-job-id", re.compile("^job_"))
+            page.clock.fast_forward("00:40")
+            note = page.locator(".message.assistant .turn-note")
+            expect(note).to_contain_text("No reply for")
+            expect(note).to_contain_text("job queued")
+            expect(page.locator("#stop-button")).to_be_enabled()
+        finally:
+            os.killpg(worker, signal.SIGCONT)
+        page.click("#stop-button")
+        expect(page.locator(".message.assistant")).to_have_attribute("data-status", "cancelled")
+    finally:
+        context.close()
 
 
 def test_fork_endpoint_copies_a_prefix_and_refuses_bad_cuts(stack: Stack) -> None:
