@@ -40,6 +40,7 @@ test: dev
 faults: dev
 	scripts/ensure_services.sh
 	VLGATE_FAULT_SCALE=$${VLGATE_FAULT_SCALE:-5} $(PY) -m pytest -q -s tests/test_faults.py
+	$(PY) -m pytest -q -s -m soak tests/
 
 lint: dev
 	$(BIN)/ruff check .

@@ -17,7 +17,8 @@ from common.models import Job, OpenAIBatch
 from devtools import live
 from devtools.live import Stack
 
-pytestmark = pytest.mark.slow
+# Two minutes of restarts and 10,000 lines: a soak, run by `make faults` (not by `make test`).
+pytestmark = [pytest.mark.slow, pytest.mark.soak]
 
 FINAL = ("completed", "failed", "expired", "cancelled")
 

@@ -103,6 +103,10 @@ function restoreScroll() {
     c.scrollTop = c.scrollHeight - c.clientHeight - (fromBottom < 80 ? 0 : fromBottom);
   };
   apply();
+  // The page keeps settling for a moment (markdown, highlighting, fonts, notes): follow it for a few seconds.
+  const settling = new ResizeObserver(apply);
+  for (const child of ctx.ui.conversation.children) settling.observe(child);
+  setTimeout(() => settling.disconnect(), 3000);
   // Images load after the text: keep the same place once they have a height.
   for (const img of ctx.ui.conversation.querySelectorAll("img")) {
     if (!img.complete) img.addEventListener("load", apply, { once: true });
