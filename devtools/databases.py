@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 from pathlib import Path
 
@@ -14,6 +15,11 @@ def make_image(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def b64_image(size: tuple[int, int] = (96, 64), color: tuple[int, int, int] = (20, 120, 220)) -> str:
+    """Encode a solid-colour PNG as the base64 the API takes."""
+    return base64.b64encode(make_image(size, color)).decode()
 
 
 POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -20,6 +20,7 @@ from tests import webfixtures
 from tests.webfixtures import (
     DEAD_REDIS_URL,
     SimulatedWorker,
+    assert_error,
     b64,
     build_app,
     heartbeat,
@@ -36,17 +37,6 @@ db_url, app, client = webfixtures.db_url, webfixtures.app, webfixtures.client
 EMPTY = {"sessions": 0, "messages": 0, "images": 0, "message_images": 0, "jobs": 0}
 IMAGE = b64(png_bytes())
 
-
-def assert_error(response: Any, status: int, code: str, *words: str) -> str:
-    """Check the one error shape, its status and code, and that the message names what matters."""
-    assert response.status_code == status, response.get_data(as_text=True)[:500]
-    assert response.mimetype == "application/json"
-    body = response.get_json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
-    assert body["error"]["code"] == code, body
-    for word in words:
-        assert word in body["error"]["message"], body
-    return body["error"]["message"]
 
 
 def _json(**fields: Any) -> dict[str, Any]:

@@ -31,8 +31,16 @@ from common.db import make_session_factory
 from common.ids import new_id
 from common.models import Batch, Job, StoredImage
 from tests import webfixtures
-from tests.test_api import assert_error
-from tests.webfixtures import WORKER_ID, b64, build_app, heartbeat, png_bytes, queue_length, services_of
+from tests.webfixtures import (
+    WORKER_ID,
+    assert_error,
+    b64,
+    build_app,
+    heartbeat,
+    png_bytes,
+    queue_length,
+    services_of,
+)
 from web.services import batches as batch_service
 
 db_url, app, client = webfixtures.db_url, webfixtures.app, webfixtures.client

@@ -24,6 +24,7 @@ from common.models import ChatSession, Message
 from devtools import live
 from devtools.databases import make_image
 from devtools.live import Stack
+from tests.pagefixtures import send, session_id, wait_until_answered
 
 pytestmark = pytest.mark.slow
 
@@ -95,22 +96,7 @@ def page(browser: Browser, stack: Stack, dialogs: list[str]) -> Iterator[Page]:
     assert problems == []
 
 
-def session_id(page: Page) -> str | None:
-    """Return the session id the page keeps in localStorage."""
-    return page.evaluate("() => localStorage.getItem('vlgate.session_id')")
 
-
-def send(page: Page, prompt: str) -> None:
-    """Type a prompt and press Enter, as a user does."""
-    page.fill("#prompt", prompt)
-    page.press("#prompt", "Enter")
-
-
-def wait_until_answered(page: Page) -> None:
-    """Wait until the newest answer is finished and the page is ready for the next message."""
-    expect(page.locator(".message.assistant").last).not_to_have_attribute("data-status", "streaming")
-    expect(page.locator("#stop-button")).to_be_hidden()
-    expect(page.locator("#prompt")).to_be_enabled()
 
 
 def test_chat_streams_restores_after_reload_switches_theme_and_clears(page: Page, stack: Stack,

@@ -24,7 +24,7 @@ from common.models import Job
 from devtools import live
 from devtools.databases import make_image
 from devtools.live import Stack
-from tests.test_stream import close, read_stream, receive
+from tests.socketfixtures import close, read_stream, receive
 
 pytestmark = pytest.mark.slow
 

@@ -26,6 +26,7 @@ from common.models import ChatSession, Message
 from devtools import live
 from devtools.databases import make_image
 from devtools.live import Stack
+from tests.pagefixtures import send, session_id, wait_until_answered
 
 pytestmark = pytest.mark.slow
 
@@ -74,18 +75,7 @@ def page(browser: Browser, stack: Stack, problems: list[str]) -> Iterator[Page]:
     tab.context.close()
 
 
-def session_id(page: Page) -> str | None:
-    return page.evaluate("() => localStorage.getItem('vlgate.session_id')")
 
-
-def send(page: Page, prompt: str) -> None:
-    page.fill("#prompt", prompt)
-    page.press("#prompt", "Enter")
-
-
-def wait_until_answered(page: Page) -> None:
-    expect(page.locator(".message.assistant").last).not_to_have_attribute("data-status", "streaming")
-    expect(page.locator("#stop-button")).to_be_hidden()
 
 
 def short(page: Page) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import signal
 from pathlib import Path
@@ -13,7 +12,7 @@ from sqlalchemy import func, select
 
 from common.models import Job, Message
 from devtools import live
-from devtools.databases import make_image
+from devtools.databases import b64_image
 from devtools.live import Stack
 
 pytestmark = pytest.mark.slow
@@ -29,9 +28,6 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
                             VLGATE_CHAT_RESERVE="0") as deployment:
         yield deployment
 
-
-def b64_image(size=(96, 64), color=(20, 120, 220)) -> str:
-    return base64.b64encode(make_image(size, color)).decode()
 
 
 def long_job(stack: Stack, **extra) -> str:

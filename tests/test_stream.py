@@ -13,7 +13,8 @@ from simple_websocket import Client, ConnectionClosed
 
 from common.bus import job_channel
 from devtools import live
-from tests.test_service_e2e import b64_image
+from devtools.databases import b64_image
+from tests.socketfixtures import close, read_stream, receive
 
 pytestmark = pytest.mark.slow
 
@@ -29,35 +30,7 @@ def ws_url(stack: live.Stack, path: str) -> str:
     return stack.base.replace("http://", "ws://") + path
 
 
-def receive(ws: Client, timeout: float = 60) -> dict:
-    """Read one JSON frame or fail after `timeout` seconds."""
-    raw = ws.receive(timeout=timeout)
-    assert raw is not None, "no frame within the timeout"
-    return json.loads(raw)
 
-
-def read_stream(ws: Client, tokens: list[dict] | None = None, limit: int | None = None) -> tuple[list[dict], dict]:
-    """Collect token events until the final event (or until `limit` tokens); return (tokens, final)."""
-    tokens = [] if tokens is None else tokens
-    while True:
-        event = receive(ws)
-        if event["type"] == "token":
-            tokens.append(event)
-            if limit is not None and len(tokens) >= limit:
-                return tokens, {}
-        elif event["type"] in ("done", "error"):
-            return tokens, event
-        elif event["type"] == "reset":
-            tokens.clear()
-
-
-def close(*sockets: Client) -> None:
-    """Close sockets the server may already have closed."""
-    for ws in sockets:
-        try:
-            ws.close()
-        except ConnectionClosed:
-            pass
 
 
 def assert_exactly_once(tokens: list[dict], final: dict, text: str) -> None:

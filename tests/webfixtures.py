@@ -109,6 +109,19 @@ def heartbeat(app: Flask, *, state: str = "idle", loaded: bool = True, error: st
     return status
 
 
+def assert_error(response: Any, status: int, code: str, *words: str) -> str:
+    """Check the one error shape, its status and code, and that the message names what matters."""
+    assert response.status_code == status, response.get_data(as_text=True)[:500]
+    assert response.mimetype == "application/json"
+    body = response.get_json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    assert body["error"]["code"] == code, body
+    for word in words:
+        assert word in body["error"]["message"], body
+    return body["error"]["message"]
+
+
+
 def bearer(secret: str) -> dict[str, str]:
     """Return the header that carries a key."""
     return {"Authorization": f"Bearer {secret}"}
