@@ -37,6 +37,7 @@ def test_metrics_off_stack_gives_its_worker_port_0_and_the_on_stack_a_port(data_
             stack.stop()
 
 
+@pytest.mark.soak  # two whole deployments, ~35 s: run by `make faults` with the other long runs
 def test_metrics_compare_alternates_rounds_and_only_the_on_side_records(engine, data_dir, capsys):
     cost = run_metrics_compare(data_dir, rounds=2, count=2, warmup=1, tokens=4)
     assert [len(r) for r in cost.on] == [len(r) for r in cost.off] == [2, 2]
