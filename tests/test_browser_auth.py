@@ -259,7 +259,8 @@ def test_chat_page_asks_once_streams_with_the_cookie_and_says_when_the_key_is_re
 
     # A request refused for its key (here deleting the conversation) asks again too.
     third = make_key(stack, "chat-team-3")
-    sign_in(page, third.secret)
+    with page.expect_navigation():  # another key: the page reloads; typing before that would be lost with it
+        sign_in(page, third.secret)
     expect(page.locator("#account-name")).to_contain_text("chat-team-3")
     page.fill("#prompt", "Still there?")
     page.press("#prompt", "Enter")
