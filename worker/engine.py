@@ -22,6 +22,7 @@ from worker.generation import (
     GenerationRequest,
     GenerationResult,
     ModelInfo,
+    Prepared,
     Turn,
 )
 from worker.row import Row
@@ -122,7 +123,7 @@ class Engine:
         rows, prepared = [], []
         for request in requests:
             try:
-                features, truncated = self._fit(request)
+                features, truncated = self.build(request)
             except Exception as exc:  # noqa: BLE001 - a bad request fails alone
                 finish(_error_result(request, "invalid_request", f"could not build the prompt: {exc}"))
                 continue
@@ -146,6 +147,23 @@ class Engine:
         if not rows:
             return None
         return RunningBatch.prefill(self.model, rows, self._collate(prepared))
+
+    def build(self, request: GenerationRequest) -> tuple[dict[str, Any], int]:
+        """Return the request's model inputs and dropped turns: prepared ahead if it was, else built now."""
+        ready = request.prepared
+        if ready is None:
+            return self._fit(request)
+        if ready.error is not None:
+            raise ValueError(ready.error)
+        return ready.features, ready.truncated_turns
+
+    def prepare_ahead(self, request: GenerationRequest) -> Prepared:
+        """Build a request's model inputs (CPU work: images, chat template, processor) away from the decode loop."""
+        try:
+            features, truncated = self._fit(request)
+        except Exception as exc:  # noqa: BLE001 - a bad request fails alone when it is admitted
+            return Prepared({}, 0, str(exc))
+        return Prepared(features, truncated)
 
     def _fit(self, request: GenerationRequest) -> tuple[dict[str, Any], int]:
         """Prepare a request, dropping its oldest turns (and their images) until prompt + max_tokens fits.

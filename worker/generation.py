@@ -33,6 +33,16 @@ class GenerationRequest:
     messages: list[Turn]
     params: SamplingParams = field(default_factory=SamplingParams)
     enqueued_at: float | None = None  # epoch seconds, for the queue time
+    prepared: Prepared | None = None  # the prompt already built off the decode loop (worker/prepare.py)
+
+
+@dataclass
+class Prepared:
+    """A request's model inputs, built before it joins the running rows: tokens, pixels, dropped turns."""
+
+    features: dict[str, Any]
+    truncated_turns: int = 0
+    error: str | None = None  # the prompt could not be built: the request fails alone with this message
 
 
 @dataclass
