@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(32_000, gt=0)
     max_batch: int = Field(8, gt=0, description="Largest number of requests generated together.")
     chat_reserve: int = Field(4, ge=0, description="Extra rows kept for chat jobs when a batch fills max_batch.")
+    vision_cache_mb: float = Field(512, ge=0, description="Vision-tower outputs kept per stored image (LRU, on the "
+                                   "model's device): an image seen again skips the vision tower. 0 turns it off.")
+    prefix_cache_mb: float = Field(2048, ge=0, description="KV caches kept per chat session (LRU, on the model's "
+                                   "device): a session's next turn prefills only what is new. 0 turns it off.")
     admit_interval_s: float = Field(0.05, gt=0, description="How often a busy worker looks for jobs to admit.")
     admit_batch_rows: int = Field(4, gt=0, description="Most batch items admitted into a running batch at once.")
     task_budget_s: float = Field(120.0, gt=0, description="After this long one task stops admitting new jobs.")

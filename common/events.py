@@ -72,8 +72,9 @@ class DoneEvent(_Event):
     choices: list[ChoiceOutcome] | None = None
     image_tokens: int | None = None
     truncated_turns: int | None = None
+    cached_tokens: int | None = None  # of the prompt tokens, reused from the session's prefix cache
 
-    _optional = ("choices", "image_tokens", "truncated_turns")
+    _optional = ("choices", "image_tokens", "truncated_turns", "cached_tokens")
 
 
 class ErrorEvent(_Event):

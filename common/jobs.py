@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from common.affinity import AFFINITY_GRACE_S
 from common.fair_share import FAIR_QUEUES, take_fairly
 from common.ids import from_epoch, utcnow
 from common.models import Batch, Job, Message
@@ -89,10 +90,12 @@ class _Taker:
 
 
 def _take_oldest(taker: _Taker, queue: str) -> None:
-    """Take a queue's claimable jobs oldest first."""
+    """Take a queue's claimable jobs oldest first, leaving a moment to the worker a job is hinted to."""
+    settled = utcnow() - timedelta(seconds=AFFINITY_GRACE_S)
+    mine = or_(Job.worker_hint.is_(None), Job.worker_hint == taker.worker_id, Job.enqueued_at < settled)
     while taker.room():
         candidates = taker.db.execute(
-            select(Job.id).where(*_claimable(queue, taker.max_attempts))
+            select(Job.id).where(*_claimable(queue, taker.max_attempts), mine)
             .order_by(Job.created_at, Job.batch_index).limit(taker.room() * 2)
         ).scalars().all()
         before = len(taker.claimed)
@@ -173,6 +176,7 @@ class Outcome:
     choices: list[dict[str, Any]] | None = None  # every choice, when there are several or logprobs
     image_tokens: int | None = None
     truncated_turns: int | None = None
+    cached_tokens: int | None = None  # of prompt_tokens, reused from the session's prefix cache
 
 
 def finish(db: Session, job_id: str, worker_id: str, outcome: Outcome) -> bool:
@@ -195,6 +199,7 @@ def finish(db: Session, job_id: str, worker_id: str, outcome: Outcome) -> bool:
             choices=outcome.choices,
             image_tokens=outcome.image_tokens,
             truncated_turns=outcome.truncated_turns,
+            cached_tokens=outcome.cached_tokens,
             first_token_at=from_epoch(first) if first else None,
             finished_at=now,
             lease_expires_at=None,

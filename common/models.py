@@ -171,6 +171,9 @@ class Job(Base):
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     image_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)  # of prompt_tokens
     truncated_turns: Mapped[int | None] = mapped_column(Integer, nullable=True)  # left out to fit the context
+    cached_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)  # of prompt_tokens: prefix cache hits
+    # The worker holding this session's cached prefix (common/affinity.py); others wait a moment before taking it.
+    worker_hint: Mapped[str | None] = mapped_column(String(80), nullable=True)
     # Every choice (ChoiceOutcome) when the job asked for several or for log-probabilities; else None.
     choices: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

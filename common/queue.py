@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
+from common.affinity import direct_queue
 from common.config import Settings
 
 RUN_JOB_TASK = "vlgate.run_job"
@@ -41,9 +42,11 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def enqueue(app: Celery, job_id: str, queue: str) -> None:
-    """Send a job id (never its data) to a queue; call only after the job row is committed."""
-    app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, routing_key=queue)
+def enqueue(app: Celery, job_id: str, queue: str, worker: str | None = None) -> None:
+    """Send a job id (never its data) to a queue, or to one worker's own queue (its session's cache is there);
+    call only after the job row is committed."""
+    target = direct_queue(worker) if worker else queue
+    app.send_task(RUN_JOB_TASK, args=[job_id], queue=target, routing_key=target)
 
 
 def queue_depths(app: Celery) -> dict[str, int]:

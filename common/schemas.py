@@ -66,18 +66,27 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class CachedTokens(BaseModel):
+    cached_tokens: int = Field(0, description="Prompt tokens reused from the session's prefix cache (not computed "
+                                              "again), as OpenAI reports prompt caching.")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: CachedTokens | None = Field(None, exclude_if=lambda v: v is None,
+                                                       description="Present once the worker reported the cache use.")
 
     @classmethod
-    def of(cls, prompt_tokens: int | None, completion_tokens: int | None) -> Usage | None:
+    def of(cls, prompt_tokens: int | None, completion_tokens: int | None,
+           cached_tokens: int | None = None) -> Usage | None:
         """Build the token counts once both are known (the one usage builder)."""
         if prompt_tokens is None or completion_tokens is None:
             return None
+        details = None if cached_tokens is None else CachedTokens(cached_tokens=cached_tokens)
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+                   total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details)
 
 
 class Links(BaseModel):
@@ -246,6 +255,8 @@ class WorkerStatus(BaseModel):
     device_fallback_reason: str | None = None
     jobs_done: int = 0
     current_jobs: list[str] = []
+    max_batch: int | None = None  # rows it runs together: sized from GPU memory, capped by the setting
+    batch_sizing: str | None = None  # how max_batch was chosen
     started_at: float
     last_heartbeat: float
     age_s: float | None = None

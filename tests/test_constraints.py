@@ -45,7 +45,7 @@ def sample(engine: Engine, compiler: GrammarCompiler | None, response_format: di
            max_tokens: int = MAX_TOKENS) -> list[tuple[str, int, bool]]:
     """Decode one row per seed at temperature 1, masked when a format is given; return (text, tokens, stopped)."""
     features = engine.prepare(GenerationRequest("t", [Turn("user", "Describe the product as JSON.")]))
-    inputs = {k: v.expand(len(SEEDS), -1).contiguous() for k, v in features.items()}
+    inputs = {k: v.expand(len(SEEDS), -1).contiguous() for k, v in features.items() if isinstance(v, torch.Tensor)}
     rows = [RowConstraint(compiler.compile(response_format)) if compiler else None for _ in SEEDS]
     generators = [torch.Generator().manual_seed(seed) for seed in SEEDS]
     answers: list[list[int]] = [[] for _ in SEEDS]

@@ -41,6 +41,8 @@ VLLM_METRICS = {
     "vllm:num_requests_waiting": "gauge",
     "vllm:prompt_tokens": "counter",
     "vllm:generation_tokens": "counter",
+    "vllm:prefix_cache_queries": "counter",
+    "vllm:prefix_cache_hits": "counter",
     "vllm:request_success": "counter",
     "vllm:time_to_first_token_seconds": "histogram",
     "vllm:inter_token_latency_seconds": "histogram",

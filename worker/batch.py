@@ -29,6 +29,35 @@ class RunningBatch:
         next_pos = position_ids.amax(dim=(0, 2)) + 1
         return cls(rows, out.past_key_values, inputs["attention_mask"], next_pos, out.logits[:, -1, :])
 
+    @classmethod
+    def resume(cls, model: Any, row: Any, inputs: dict[str, Any], layers: list[tuple[torch.Tensor, torch.Tensor]],
+               reused: int) -> RunningBatch:
+        """Prefill one row whose first ``reused`` tokens are already in ``layers`` (its session's last turn)."""
+        from transformers import DynamicCache
+
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        position_ids, _ = model.model.get_rope_index(
+            ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+            attention_mask=mask,
+        )
+        # torch.cat in DynamicLayer.update copies: the cached entry itself is never written to.
+        cache = DynamicCache(ddp_cache_data=[(k[:, :, :reused], v[:, :, :reused]) for k, v in layers])
+        extra = {"mm_encoder_outputs": inputs["mm_encoder_outputs"]} if "mm_encoder_outputs" in inputs else {}
+        out = model(input_ids=ids[:, reused:], attention_mask=mask, position_ids=position_ids[:, :, reused:],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
+        next_pos = position_ids.amax(dim=(0, 2)) + 1
+        return cls([row], out.past_key_values, mask, next_pos, out.logits[:, -1, :])
+
+    def row_cache(self, index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Return a copy of one row's keys and values, without the padding before them."""
+        start = int(self.attention[index].nonzero()[0])
+        return [(layer.keys[index:index + 1, :, start:].clone(), layer.values[index:index + 1, :, start:].clone())
+                for layer in self.cache.layers]
+
+    def row_length(self, index: int) -> int:
+        """Return how many cached positions one row attends to."""
+        return int(self.attention[index].sum())
+
     def keep(self, indices: list[int]) -> None:
         """Keep only these rows (in this order), shrinking the cache."""
         if len(indices) == len(self.rows):

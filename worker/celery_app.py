@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery import signals
 
+from common.affinity import direct_queue
 from common.config import get_settings
 from common.deployment import check_deployment
 from common.logs import configure_logging
@@ -33,6 +35,12 @@ def _load_model(**_: object) -> None:
     """Load the model in the worker's main process before it consumes any task (solo pool)."""
     configure_logging(settings)
     service().start()
+
+
+@signals.celeryd_after_setup.connect
+def _direct_queue(instance: Any, **_: object) -> None:
+    """Also consume this worker's own queue: next turns of the sessions whose cached prefix it holds."""
+    instance.app.amqp.queues.select_add(direct_queue(service().worker_id))
 
 
 @signals.worker_shutdown.connect

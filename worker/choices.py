@@ -27,9 +27,13 @@ def split_row_id(request_id: str) -> tuple[str, int]:
 
 
 def requests_for(job_id: str, spec: JobSpec, images: dict[str, Image.Image], enqueued_at: float | None,
-                 max_seconds: float | None = None) -> list[GenerationRequest]:
-    """Build one engine request per choice: the same turns, each choice with its own seed."""
-    turns = [Turn(t.role, t.text, [images[i] for i in t.image_ids]) for t in spec.turns]
+                 max_seconds: float | None = None, session: str | None = None) -> list[GenerationRequest]:
+    """Build one engine request per choice: the same turns, each choice with its own seed.
+
+    ``session`` (tenant and session id) lets every choice start from the session's cached prefix; choice 0,
+    the answer the conversation keeps, leaves its own cache for the next turn.
+    """
+    turns = [Turn(t.role, t.text, [images[i] for i in t.image_ids], list(t.image_ids)) for t in spec.turns]
     s, stop = spec.sampling, spec.stop
     out = []
     for index in range(s.n):
@@ -40,7 +44,8 @@ def requests_for(job_id: str, spec: JobSpec, images: dict[str, Image.Image], enq
             frequency_penalty=s.frequency_penalty, logprobs=s.logprobs, top_logprobs=s.top_logprobs,
             response_format=s.response_format, max_seconds=max_seconds,
         )
-        out.append(GenerationRequest(row_id(job_id, index), turns, params, enqueued_at=enqueued_at))
+        out.append(GenerationRequest(row_id(job_id, index), turns, params, enqueued_at=enqueued_at,
+                                     cache_key=session, keep_cache=session is not None and index == 0))
     return out
 
 
@@ -75,4 +80,4 @@ class ChoiceSet:
                             finish_reason=first.finish_reason, prompt_tokens=first.prompt_tokens,
                             completion_tokens=sum(r.completion_tokens for r in ordered), timings=first.timings,
                             model=model, choices=choices, image_tokens=first.image_tokens,
-                            truncated_turns=first.truncated_turns or None)
+                            truncated_turns=first.truncated_turns or None, cached_tokens=first.cached_tokens)

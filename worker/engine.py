@@ -25,8 +25,11 @@ from worker.generation import (
     Prepared,
     Turn,
 )
+from worker.prefix_cache import PrefixCache, reusable
+from worker.prompts import PromptBuilder
 from worker.row import Row
 from worker.textstream import TokenDecoder
+from worker.vision_cache import VisionCache
 
 __all__ = ["Engine", "GenerationRequest", "GenerationResult", "ModelInfo", "Turn"]
 
@@ -35,7 +38,8 @@ log = logging.getLogger(__name__)
 class Engine:
     """A loaded model with its processor: prepares prompts and runs batched decoding."""
 
-    def __init__(self, model: Any, processor: Any, info: ModelInfo) -> None:
+    def __init__(self, model: Any, processor: Any, info: ModelInfo, vision_cache_bytes: int = 0,
+                 prefix_cache_bytes: int = 0) -> None:
         self.model = model
         self.processor = processor
         self.info = info
@@ -48,6 +52,9 @@ class Engine:
         self.suppressed = torch.tensor(suppress, dtype=torch.long, device=self.device) if suppress else None
         self.image_token_id: int | None = getattr(model.config, "image_token_id", None)
         self._grammars: GrammarCompiler | None = None
+        self.prompts = PromptBuilder(processor, info)
+        self.vision = VisionCache(vision_cache_bytes)
+        self.prefixes = PrefixCache(prefix_cache_bytes)
 
     @property
     def grammars(self) -> GrammarCompiler:
@@ -57,22 +64,18 @@ class Engine:
             self._grammars = GrammarCompiler(self.tokenizer, vocab, eos_ids=self.eos_ids)
         return self._grammars
 
-    # -- prompts ---------------------------------------------------------------------------------
+    # -- prompts (worker/prompts.py) -------------------------------------------------------------
     def render(self, messages: Sequence[Turn]) -> tuple[str, list[Image.Image]]:
         """Render a conversation through the model's chat template; return the prompt and its images."""
-        chat, images = [], []
-        for turn in messages:
-            content: list[dict[str, str]] = [{"type": "image"} for _ in turn.images]
-            content.append({"type": "text", "text": turn.text})
-            chat.append({"role": turn.role, "content": content})
-            images.extend(turn.images)
-        return self.processor.apply_chat_template(chat, add_generation_prompt=True), images
+        return self.prompts.render(messages)
 
     def prepare(self, request: GenerationRequest, messages: Sequence[Turn] | None = None) -> dict[str, Any]:
-        """Tokenize one request (or these of its turns) and preprocess its images (CPU work, before the batch)."""
-        prompt, images = self.render(request.messages if messages is None else messages)
-        features = self.processor(text=[prompt], images=images or None, return_tensors="pt")
-        return {k: v for k, v in features.items() if k in _MODEL_INPUTS}
+        """Tokenize one request (or these of its turns) and preprocess its images."""
+        return self.prompts.prepare(request, messages)
+
+    def prepare_ahead(self, request: GenerationRequest) -> Prepared:
+        """Build a request's model inputs away from the decode loop (the preparation pool calls this)."""
+        return self.prompts.prepare_ahead(request)
 
     # -- generation ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -119,11 +122,15 @@ class Engine:
         return [results[rid] for rid in order if rid in results]
 
     def _prefill(self, requests: Sequence[GenerationRequest], finish: FinishCallback) -> RunningBatch | None:
-        """Prepare and prefill requests; one that cannot run fails alone with a named error."""
-        rows, prepared = [], []
+        """Prepare and prefill requests; one that cannot run fails alone with a named error.
+
+        A row whose session left its prefix in the cache is prefilled alone from that prefix; the others
+        together, left-padded. Images go through the vision cache either way.
+        """
+        rows, prepared, resumed = [], [], []
         for request in requests:
             try:
-                features, truncated = self.build(request)
+                features, truncated = self.prompts.build(request)
             except Exception as exc:  # noqa: BLE001 - a bad request fails alone
                 finish(_error_result(request, "invalid_request", f"could not build the prompt: {exc}"))
                 continue
@@ -142,48 +149,31 @@ class Engine:
                     continue
             ids = features["input_ids"][0].tolist()
             image_tokens = ids.count(self.image_token_id) if self.image_token_id is not None else 0
-            rows.append(Row(request, ids, self.decoder, self.device, constraint, image_tokens, truncated))
+            row = Row(request, ids, self.decoder, self.device, constraint, image_tokens, truncated)
+            row.image_keys = list(features.get("image_keys", []))
+            entry = self.prefixes.get(request.cache_key)
+            reused = reusable(entry, ids, row.image_keys, self.image_token_id) if entry is not None else 0
+            if entry is not None and reused >= MIN_REUSED_TOKENS:
+                row.cached_tokens = reused
+                resumed.append(RunningBatch.resume(self.model, row, self._collate([features], skip_images=reused),
+                                                   entry.layers, reused))
+                continue
+            rows.append(row)
             prepared.append(features)
-        if not rows:
-            return None
-        return RunningBatch.prefill(self.model, rows, self._collate(prepared))
+        batch = RunningBatch.prefill(self.model, rows, self._collate(prepared)) if rows else None
+        for one in resumed:
+            batch = one if batch is None else batch.extend(one)
+        return batch
 
-    def build(self, request: GenerationRequest) -> tuple[dict[str, Any], int]:
-        """Return the request's model inputs and dropped turns: prepared ahead if it was, else built now."""
-        ready = request.prepared
-        if ready is None:
-            return self._fit(request)
-        if ready.error is not None:
-            raise ValueError(ready.error)
-        return ready.features, ready.truncated_turns
-
-    def prepare_ahead(self, request: GenerationRequest) -> Prepared:
-        """Build a request's model inputs (CPU work: images, chat template, processor) away from the decode loop."""
-        try:
-            features, truncated = self._fit(request)
-        except Exception as exc:  # noqa: BLE001 - a bad request fails alone when it is admitted
-            return Prepared({}, 0, str(exc))
-        return Prepared(features, truncated)
-
-    def _fit(self, request: GenerationRequest) -> tuple[dict[str, Any], int]:
-        """Prepare a request, dropping its oldest turns (and their images) until prompt + max_tokens fits.
-
-        System turns and the last turn are always kept; a dropped question takes its answer with it. Returns
-        the features and how many turns were dropped (the stored conversation keeps them all).
-        """
-        messages = list(request.messages)
-        dropped = 0
-        while True:
-            features = self.prepare(request, messages)
-            if int(features["input_ids"].shape[1]) + request.params.max_tokens <= self.info.max_context:
-                return features, dropped
-            oldest = next((i for i, turn in enumerate(messages[:-1]) if turn.role != "system"), None)
-            if oldest is None:
-                return features, dropped  # the last turn alone is too long: the caller says so
-            pair = messages[oldest].role == "user" and oldest + 1 < len(messages) - 1 and \
-                messages[oldest + 1].role == "assistant"
-            del messages[oldest:oldest + (2 if pair else 1)]
-            dropped += 2 if pair else 1
+    def _keep_prefix(self, batch: RunningBatch, index: int, row: Row) -> None:
+        """Keep a finished session row's KV cache as its session's prefix (prompt + all but the last token)."""
+        ids = row.prompt_ids + row.token_ids[:-1]
+        if batch.row_length(index) != len(ids):  # never store a cache that does not match its tokens
+            log.warning("not caching %s: %d cached positions for %d tokens", row.request.request_id,
+                        batch.row_length(index), len(ids))
+            return
+        if self.prefixes.put(row.request.cache_key or "", ids, row.image_keys, batch.row_cache(index)):
+            row.kept_prefix = row.request.cache_key
 
     def _choose(self, batch: RunningBatch, on_delta: DeltaCallback | None, finish: FinishCallback,
                 check_cancelled: CancelCheck | None) -> list[int]:
@@ -209,6 +199,8 @@ class Engine:
                     log.warning("row %s failed to sample: %s", row.request.request_id, exc)
                     row.finish_reason, row.error = "error", f"sampling failed: {exc}"
             if row.finish_reason:
+                if row.request.keep_cache and row.request.cache_key and row.finish_reason != "error":
+                    self._keep_prefix(batch, i, row)
                 row.emit(on_delta, row.stream.finish())
                 finish(row.result())
             else:
@@ -225,6 +217,7 @@ class Engine:
         counted = row.request.params.min_tokens if row.constraint is not None else row.generated
         token = row.sampler.pick(logits, self.eos_ids, counted, self.suppressed)
         row.generated += 1
+        row.token_ids.append(token)
         if row.first_token_at is None:
             row.first_token_at = time.time()
         if token in self.eos_ids:
@@ -248,22 +241,44 @@ class Engine:
             row.finish_reason = "time_limit"  # a runaway generation ends; what it wrote so far is kept
         return token
 
-    def _collate(self, prepared: list[dict]) -> dict[str, torch.Tensor]:
-        """Left-pad the rows to one length and concatenate their images in row order."""
+    def _collate(self, prepared: list[dict], skip_images: int = 0) -> dict[str, Any]:
+        """Left-pad the rows to one length and encode their images in row order (through the vision cache).
+
+        ``skip_images``: for one row resumed from a cached prefix of that many tokens, the images inside the
+        prefix are not encoded (their tokens are not run again).
+        """
         width = max(int(p["input_ids"].shape[1]) for p in prepared)
-        batch: dict[str, torch.Tensor] = {}
+        batch: dict[str, Any] = {}
         for key, fill in (("input_ids", self.pad_id), ("attention_mask", 0), ("mm_token_type_ids", 0)):
             padded = [torch.nn.functional.pad(p[key], (width - p[key].shape[1], 0), value=fill) for p in prepared]
             batch[key] = torch.cat(padded).to(self.device)
         with_images = [p for p in prepared if p.get("pixel_values") is not None]
-        if with_images:
+        if not with_images:
+            return batch
+        grids = torch.cat([p["image_grid_thw"] for p in with_images])
+        batch["image_grid_thw"] = grids.to(self.device)
+        pixels = torch.cat([p["pixel_values"] for p in with_images])
+        keys = [k for p in with_images for k in p["image_keys"]]
+        first = _images_before(prepared[0]["input_ids"][0], self.image_token_id, skip_images) if skip_images else 0
+        if first < len(keys):
+            skipped_patches = int(grids[:first].prod(-1).sum())
             dtype = next(self.model.parameters()).dtype
-            batch["pixel_values"] = torch.cat([p["pixel_values"] for p in with_images]).to(self.device, dtype)
-            batch["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in with_images]).to(self.device)
+            batch["mm_encoder_outputs"] = {"image": self.vision.encode(
+                self.model, pixels[skipped_patches:].to(self.device, dtype), grids[first:].to(self.device),
+                keys[first:])}
         return batch
 
 
-_MODEL_INPUTS = {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"}
+MIN_REUSED_TOKENS = 16  # a shorter cached prefix is not worth prefilling its row alone
+
+
+def _images_before(ids: torch.Tensor, image_token: int | None, length: int) -> int:
+    """Return how many images (runs of image tokens) lie wholly in the first ``length`` tokens."""
+    if image_token is None:
+        return 0
+    is_image = (ids[:length] == image_token).int()
+    starts = is_image.diff(prepend=torch.zeros(1, dtype=is_image.dtype)) == 1
+    return int(starts.sum())
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

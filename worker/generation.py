@@ -23,6 +23,7 @@ class Turn:
     role: str
     text: str
     images: list[Image.Image] = field(default_factory=list)
+    image_ids: list[str] = field(default_factory=list)  # the stored images' ids (per tenant): cache keys
 
 
 @dataclass
@@ -34,6 +35,8 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     enqueued_at: float | None = None  # epoch seconds, for the queue time
     prepared: Prepared | None = None  # the prompt already built off the decode loop (worker/prepare.py)
+    cache_key: str | None = None  # (tenant, session): this row may reuse the session's cached prefix
+    keep_cache: bool = False  # store this row's KV cache as the session's prefix when it ends (choice 0)
 
 
 @dataclass
@@ -60,6 +63,8 @@ class GenerationResult:
     logprobs: list[dict[str, Any]] | None = None  # per generated token, when the request asked for them
     image_tokens: int = 0  # of prompt_tokens
     truncated_turns: int = 0  # oldest turns left out to fit the context
+    cached_tokens: int = 0  # of prompt_tokens: taken from the session's prefix cache, not computed again
+    kept_prefix: str | None = None  # the session whose prefix this row left in the cache (for routing)
 
     @property
     def usage(self) -> dict[str, int]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from common.config import DEMO_MODEL, Settings
-from worker.demo import DEMO_LABEL, ensure_demo_checkpoint, is_demo_checkpoint
+from worker.demo import checkpoint_label, ensure_demo_checkpoint, is_demo_checkpoint
 from worker.engine import Engine, ModelInfo
 from worker.processor import load_processor
 
@@ -90,7 +90,7 @@ def load_engine(settings: Settings) -> Engine:
     info = ModelInfo(
         requested=requested,
         path=path,
-        label=DEMO_LABEL if demo else requested,
+        label=checkpoint_label(path) if demo else requested,
         is_demo=demo,
         device=str(device),
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -100,4 +100,5 @@ def load_engine(settings: Settings) -> Engine:
         device_fallback_reason=device_reason,
     )
     log.info("model ready: %s on %s (%s, %d parameters)", info.label, info.device, info.dtype, info.parameters)
-    return Engine(model, processor, info)
+    return Engine(model, processor, info, vision_cache_bytes=int(settings.vision_cache_mb * 2**20),
+                  prefix_cache_bytes=int(settings.prefix_cache_mb * 2**20))

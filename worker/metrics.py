@@ -210,6 +210,9 @@ class _EngineMetrics:
         self.waiting = gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.")
         self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
+        self.cache_queries = counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of "
+                                     "queried tokens.")
+        self.cache_hits = counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.")
         success = Counter("vllm:request_success", "Count of successfully processed requests.",
                           ["model_name", "finished_reason"], registry=registry)
         self.success = {reason: success.labels(model_name, reason) for reason in sorted(set(FINISHED_REASONS.values()))}
@@ -237,6 +240,8 @@ class _EngineMetrics:
         # Each row prefilled the prompt itself: n choices are n prompts' work, as n requests are in vLLM.
         self.prompt_tokens.inc(result.prompt_tokens)
         self.generation_tokens.inc(result.completion_tokens)
+        self.cache_queries.inc(result.prompt_tokens)
+        self.cache_hits.inc(result.cached_tokens)
         self.prompt_lengths.observe(result.prompt_tokens)
         self.generation_lengths.observe(result.completion_tokens)
         t = result.timings

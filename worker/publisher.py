@@ -70,9 +70,9 @@ class JobPublisher:
             choices = [ChoiceOutcome.model_validate(c) for c in outcome.choices] if outcome.choices else None
             event = DoneEvent(seq=self._next(), response=outcome.response, status=outcome.status,
                               finish_reason=outcome.finish_reason, timings=outcome.timings,
-                              usage=Usage.of(outcome.prompt_tokens, outcome.completion_tokens),
+                              usage=Usage.of(outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens),
                               choices=choices, image_tokens=outcome.image_tokens,
-                              truncated_turns=outcome.truncated_turns)
+                              truncated_turns=outcome.truncated_turns, cached_tokens=outcome.cached_tokens)
             self._send(event.wire())
 
     def error(self, code: str, message: str) -> None:

@@ -19,7 +19,12 @@ class Row:
     def __init__(self, request: GenerationRequest, prompt_ids: list[int], decoder: TokenDecoder, device: torch.device,
                  constraint: RowConstraint | None, image_tokens: int, truncated_turns: int = 0) -> None:
         self.request = request
+        self.prompt_ids = prompt_ids
         self.prompt_len = len(prompt_ids)
+        self.token_ids: list[int] = []  # generated, in order
+        self.image_keys: list[str | None] = []  # the stored image ids behind the prompt's image runs
+        self.cached_tokens = 0  # prompt tokens reused from the session's prefix cache
+        self.kept_prefix: str | None = None  # set when this row's KV cache was kept for its session's next turn
         self.image_tokens = image_tokens
         self.truncated_turns = truncated_turns  # oldest turns left out so the conversation fits the context
         self.sampler = RowSampler(request.params, device, prompt_ids)
@@ -53,7 +58,8 @@ class Row:
         return GenerationResult(self.request.request_id, self.stream.text, self.finish_reason or "stop",
                                 self.prompt_len, self.generated, timings, logprobs=self.logprobs,
                                 image_tokens=self.image_tokens, error_code="generation_failed" if self.error else None,
-                                error_message=self.error, truncated_turns=self.truncated_turns)
+                                error_message=self.error, truncated_turns=self.truncated_turns,
+                                cached_tokens=self.cached_tokens, kept_prefix=self.kept_prefix)
 
     def emit(self, on_delta: DeltaCallback | None, delta: str) -> None:
         """Hand a text delta (with the log-probabilities of the tokens behind it, if asked for) to the caller."""

@@ -185,6 +185,8 @@ class Choice(BaseModel):
 
 
 class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(0, description="Prompt tokens reused from the session's prefix cache (not "
+                                              "computed again), as OpenAI reports prompt caching.")
     image_tokens: int = Field(0, description="vlgate: how many of the prompt tokens stand for images.")
 
 

@@ -160,12 +160,14 @@ class CompletionIds:
         return cls(id=f"chatcmpl-{job.id}", created=int(to_epoch(job.created_at) or 0), model=served_model(settings))
 
 
-def completion_usage(prompt: int | None, completion: int | None, image_tokens: int | None) -> CompletionUsage | None:
-    """Build OpenAI's usage (with the image share of the prompt) once the counts are known."""
+def completion_usage(prompt: int | None, completion: int | None, image_tokens: int | None,
+                     cached_tokens: int | None = None) -> CompletionUsage | None:
+    """Build OpenAI's usage (with the image and cached shares of the prompt) once the counts are known."""
     if prompt is None or completion is None:
         return None
+    details = PromptTokensDetails(cached_tokens=cached_tokens or 0, image_tokens=image_tokens or 0)
     return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                           prompt_tokens_details=PromptTokensDetails(image_tokens=image_tokens or 0))
+                           prompt_tokens_details=details)
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -202,7 +204,8 @@ def completion(job: Job, settings: Settings) -> ChatCompletion:
     choices = [Choice(index=c.index, message=AssistantMessage(content=c.text), logprobs=logprobs_of(c.logprobs),
                       finish_reason=finish_reason(c.finish_reason)) for c in job_choices(job)]
     return ChatCompletion(id=ids.id, created=ids.created, model=ids.model, choices=choices,
-                          usage=completion_usage(job.prompt_tokens, job.completion_tokens, job.image_tokens))
+                          usage=completion_usage(job.prompt_tokens, job.completion_tokens, job.image_tokens,
+                                                job.cached_tokens))
 
 
 def model_cards(services: Services) -> dict[str, Any]:

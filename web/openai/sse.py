@@ -129,7 +129,8 @@ class CompletionStream:
             for i in range(self.n):
                 yield self.chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=finish_reason(reasons.get(i)))])
             if self.include_usage and event.usage is not None:
-                usage = completion_usage(event.usage.prompt_tokens, event.usage.completion_tokens, event.image_tokens)
+                usage = completion_usage(event.usage.prompt_tokens, event.usage.completion_tokens, event.image_tokens,
+                                         event.cached_tokens)
                 yield self.chunk([], usage=usage)
             yield sse("[DONE]")
             self.finished = True

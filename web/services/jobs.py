@@ -46,7 +46,7 @@ def get_job(db: Session, job_id: str) -> Job:
 
 def usage(job: Job) -> Usage | None:
     """Return token counts when the worker recorded them."""
-    return Usage.of(job.prompt_tokens, job.completion_tokens)
+    return Usage.of(job.prompt_tokens, job.completion_tokens, job.cached_tokens)
 
 
 def timings(job: Job) -> dict[str, float | None] | None:

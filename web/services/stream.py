@@ -32,7 +32,7 @@ def final_event_from_row(job: Job, seq: int) -> dict[str, Any]:
     choices = [ChoiceOutcome.model_validate(c) for c in job.choices] if job.choices else None
     done = DoneEvent(seq=seq, response=job.response or "", status=job.status, finish_reason=job.finish_reason,
                      usage=usage(job), timings=timings(job), choices=choices, image_tokens=job.image_tokens,
-                     truncated_turns=job.truncated_turns)
+                     truncated_turns=job.truncated_turns, cached_tokens=job.cached_tokens)
     return {**done.wire(), "job_id": job.id}
 
 

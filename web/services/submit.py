@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from common import affinity
 from common.config import Settings
 from common.errors import ApiError
 from common.ids import new_id, utcnow
@@ -104,7 +106,8 @@ def _new_job(job_id: str, spec: JobSpec, now: datetime, **fields: Any) -> Job:
                cancel_requested=False, created_at=now, enqueued_at=now, **owner(), **fields)
 
 
-def _store(db: Session, request: ChatRequest, images: list[NormalizedImage], settings: Settings) -> Job:
+def _store(db: Session, request: ChatRequest, images: list[NormalizedImage], settings: Settings,
+           worker_hint: str | None = None) -> Job:
     """Add session, images, user message and job to the session's transaction and commit it."""
     now = utcnow()
     session_id = request.session_id
@@ -127,7 +130,7 @@ def _store(db: Session, request: ChatRequest, images: list[NormalizedImage], set
     sampling, stop = request.job_parts(settings.default_temperature, settings.default_max_tokens)
     spec = JobSpec(turns=[*history, TurnSpec(role="user", text=request.prompt, image_ids=image_ids)],
                    sampling=sampling, stop=stop)
-    job = _new_job(job_id, spec, now, session_id=session_id, user_message_id=message.id)
+    job = _new_job(job_id, spec, now, session_id=session_id, user_message_id=message.id, worker_hint=worker_hint)
     db.add(job)
     count_submission(db, owner(), jobs=1, images=len(images))
     db.commit()
@@ -135,10 +138,20 @@ def _store(db: Session, request: ChatRequest, images: list[NormalizedImage], set
     return job
 
 
+def _session_worker(services: Services, session_id: str | None) -> str | None:
+    """Return the live worker holding this session's cached prefix (common/affinity.py), if any."""
+    if session_id is None or services.settings.prefix_cache_mb <= 0:
+        return None
+    try:
+        return affinity.route(services.redis, affinity.session_key(owner()["tenant"], session_id))
+    except redis.RedisError:  # no hint: any worker answers, with a longer prefill
+        return None
+
+
 def _enqueue(services: Services, job: Job) -> None:
     """Send the committed job to its queue; a broker hiccup leaves it to the reaper."""
     try:
-        enqueue(services.celery, job.id, job.queue)
+        enqueue(services.celery, job.id, job.queue, worker=job.worker_hint)
     except Exception as exc:  # the row is safe; the workers' reaper re-enqueues stale queued jobs
         log.warning("could not enqueue job %s (it stays queued for the reaper): %s", job.id, exc)
 
@@ -153,9 +166,10 @@ def submit_chat(db: Session, services: Services, body: Any) -> Submitted:
     charge(requests=1, tokens=estimate_tokens(len(request.prompt), len(images),
                                               request.max_tokens or settings.default_max_tokens))
     require_model(services.bus, settings.model_wait_s)
+    hint = _session_worker(services, request.session_id)
     try:
         with admission(db, CHAT_QUEUE, jobs=1):
-            job = _store(db, request, images, settings)
+            job = _store(db, request, images, settings, hint)
     except BaseException:
         db.rollback()
         raise
