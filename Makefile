@@ -52,6 +52,7 @@ bench: dev
 	$(PY) -m bench.batching
 	$(PY) -m bench.constrained
 	$(PY) -m bench.batch_api
+	$(PY) -m bench.caches
 
 demo: install
 	$(PY) -m worker.cli build-demo
