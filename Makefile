@@ -53,6 +53,7 @@ bench: dev
 	$(PY) -m bench.constrained
 	$(PY) -m bench.batch_api
 	$(PY) -m bench.caches
+	$(PY) -m bench.peer
 
 demo: install
 	$(PY) -m worker.cli build-demo
