@@ -54,6 +54,7 @@ bench: dev
 	$(PY) -m bench.batch_api
 	$(PY) -m bench.caches
 	$(PY) -m bench.peer
+	$(PY) -m bench.prepare
 
 demo: install
 	$(PY) -m worker.cli build-demo

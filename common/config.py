@@ -56,7 +56,17 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(512, gt=0)
     default_temperature: float = Field(0.5, ge=0.0, le=2.0)
     max_prompt_chars: int = Field(32_000, gt=0)
-    max_batch: int = Field(8, gt=0, description="Largest number of requests generated together.")
+    max_batch: int | None = Field(None, gt=0, description="Cap on rows generated together; on a GPU the batch is "
+                                  "sized from free memory and KV bytes per token up to it (worker/capacity.py). "
+                                  "Default: 8 on the CPU, 256 on a GPU.")
+    row_tokens: int = Field(4096, gt=0, description="KV-cache tokens budgeted per running row (prompt with "
+                                                     "images plus answer) when sizing the batch on a GPU.")
+    gpu_memory_margin: float = Field(0.1, ge=0, lt=1, description="Fraction of GPU memory kept free of KV "
+                                                                  "cache when sizing the batch.")
+    prepare_workers: int = Field(1, ge=0, description="Pool that prepares admitted jobs (images, chat template, "
+                                                     "processor) off the decode loop; 0: inline.")
+    prepare_kind: str = Field("thread", pattern="^(thread|process)$", description="Threads or processes for "
+                                                                             "the prepare pool.")
     chat_reserve: int = Field(4, ge=0, description="Extra rows kept for chat jobs when a batch fills max_batch.")
     vision_cache_mb: float = Field(512, ge=0, description="Vision-tower outputs kept per stored image (LRU, on the "
                                    "model's device): an image seen again skips the vision tower. 0 turns it off.")

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import logging
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures.process import BrokenProcessPool
 
 import redis
-from PIL import Image
-from pydantic import ValidationError
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from common import jobs
@@ -19,12 +16,14 @@ from common.bus import TokenBus
 from common.config import Settings
 from common.ids import to_epoch
 from common.jobspec import JobSpec
-from common.models import Job, StoredImage
+from common.models import Job
 from common.queue import QUEUES
 from worker.choices import ChoiceSet, requests_for, split_row_id
 from worker.engine import Engine, GenerationRequest, GenerationResult
 from worker.faults import classify
+from worker.lease import LeaseKeeper
 from worker.metrics import DecodeSteps, WorkerMetrics
+from worker.prepare import Preparer, Ticket, load_images, read_spec
 from worker.publisher import EventBuffer, JobPublisher
 
 log = logging.getLogger(__name__)
@@ -52,6 +51,14 @@ class JobRunner:
         self._models: dict[str, str] = {}
         self._choices: dict[str, ChoiceSet] = {}
         self._active: set[str] = set()  # claimed by the current run and not yet stored
+        self.max_batch = settings.max_batch or 8  # running rows; the service sizes it from the device once loaded
+        self._preparer: Preparer | None = None
+
+    def close(self) -> None:
+        """Stop the prepare pool."""
+        if self._preparer is not None:
+            self._preparer.close()
+            self._preparer = None
 
     def run(self, job_id: str) -> str | None:
         """Run the task's job with whatever else waits; return its final status (None if someone else ran it).
@@ -88,27 +95,38 @@ class JobRunner:
             # A chat starts with chats only: bulk rows join at the next admission, after its prefill.
             first_batch_rows = 0 if own is not None and own.queue == QUEUES[0] else None
             claimed = ([own] if own else []) + self._claim_more(db, _rows(own) if own else 0, first_batch_rows)
+            # Prepared here, in the decode thread: nothing runs yet, so nothing stalls.
             requests = self._requests(db, claimed, engine)
         if not requests:
             return own.status if own is not None else None
-        lease = _LeaseKeeper(self.db, self.worker_id, self.settings.job_lease_s, _job_ids(requests))
+        lease = LeaseKeeper(self.db, self.worker_id, self.settings.job_lease_s, _job_ids(requests))
         lease.start()
         steps = self.metrics.decode_steps()
         steps.admitted(len(requests))
         next_admit = [time.monotonic() + self.settings.admit_interval_s]
+        preparing: list[Ticket] = []  # claimed jobs whose prompts the pool is building (they hold rows already)
 
         def admit(running: int) -> list[GenerationRequest]:
-            """Between steps: bring in waiting jobs (chat first) while there is room and time."""
+            """Between steps: take the prepared jobs in; claim waiting ones (chat first) while there is room."""
+            fresh = self._ready(preparing, lease, engine)
             now = time.monotonic()
-            if now < next_admit[0] or now - started > self.settings.task_budget_s:
-                return []
-            next_admit[0] = now + self.settings.admit_interval_s
-            with self.db() as db:
-                fresh = self._requests(db, self._claim_more(db, running, self.settings.admit_batch_rows), engine)
+            if now >= next_admit[0] and now - started <= self.settings.task_budget_s:
+                next_admit[0] = now + self.settings.admit_interval_s
+                held = running + len(fresh) + sum(t.rows for t in preparing)  # the cap counts rows in preparation
+                with self.db() as db:
+                    claimed = self._claim_more(db, held, self.settings.admit_batch_rows)
+                    if claimed and self.preparer(engine) is None:
+                        fresh += self._requests(db, claimed, engine)  # inline: the old behaviour
+                if claimed:
+                    if self._preparer is not None:
+                        preparing.extend(self._submit(claimed, engine))
+                    lease.add([job.id for job in claimed])
+                    self.on_busy(lease.ids())
+            if not running and not fresh and preparing:  # nothing runs: waiting stalls no row
+                wait([t.future for t in preparing], return_when=FIRST_COMPLETED)
+                fresh = self._ready(preparing, lease, engine)
             if fresh:
                 steps.admitted(len(fresh))
-                lease.add(_job_ids(fresh))
-                self.on_busy(lease.ids())
             return fresh
 
         self.on_busy(lease.ids())
@@ -130,6 +148,57 @@ class JobRunner:
         with self.db() as db:
             final = jobs.load(db, job_id)
         return final.status if final is not None else None
+
+    def preparer(self, engine: Engine) -> Preparer | None:
+        """Return the prepare pool for this engine (None: prepare inline), starting it on first use."""
+        if self.settings.prepare_workers <= 0 or not hasattr(engine, "prepare_ahead"):
+            return None
+        if self._preparer is not None and self._preparer.engine is not engine:
+            self.close()  # the engine was replaced: a process pool holds the old one's processor
+        if self._preparer is None:
+            self._preparer = Preparer(self.settings, self.db, engine)
+        return self._preparer
+
+    def _submit(self, claimed: list[Job], engine: Engine) -> list[Ticket]:
+        """Hand claimed jobs to the pool; a job whose spec cannot be read fails at once."""
+        assert self._preparer is not None
+        tickets = []
+        for job in claimed:
+            spec = self._adopt(job, engine)
+            if spec is not None:
+                tickets.append(self._preparer.submit(job.id, spec, to_epoch(job.created_at), _rows(job)))
+        return tickets
+
+    def _ready(self, preparing: list[Ticket], lease: LeaseKeeper, engine: Engine) -> list[GenerationRequest]:
+        """Take the jobs whose preparation finished out of the pool; drop those cancelled or failed meanwhile."""
+        done = [t for t in preparing if t.future.done()]
+        if not done:
+            return []
+        for ticket in done:
+            preparing.remove(ticket)
+        # One round trip for their cancel flags: a job cancelled while it was prepared never runs.
+        stopped = self._buffer.flush([t.job_id for t in done]) | lease.lost
+        fresh = []
+        for ticket in done:
+            job_id = ticket.job_id
+            if job_id not in self._active:
+                continue
+            if job_id in stopped:
+                lease.remove(job_id)
+                self._store(job_id, jobs.Outcome("cancelled", finish_reason="cancelled", model=engine.info.label))
+                continue
+            try:
+                fresh.extend(ticket.future.result())
+            except LookupError as exc:
+                lease.remove(job_id)
+                self._store(job_id, jobs.Outcome("failed", error_code="invalid_request", error_message=str(exc)))
+            except BrokenProcessPool:  # a pool process died: like a worker lost for this job, it goes back
+                log.warning("the prepare pool lost a process while preparing %s; handing it back", job_id)
+                lease.remove(job_id)
+                self._release([job_id], count_attempt=True)
+                if self._preparer is not None:
+                    self._preparer.restart(ticket)
+        return fresh
 
     def _release(self, job_ids: list[str], count_attempt: bool) -> None:
         """Put jobs back on the queue (retrying while the database blinks) and wake a worker for each."""
@@ -161,7 +230,7 @@ class JobRunner:
     def _claim_more(self, db: Session, running: int, batch_rows: int | None = None) -> list[Job]:
         """Claim waiting jobs: chat first, alone (so their prefill is not shared with bulk rows; chats may also
         use the reserve rows); else batch items up to the batch size, at most ``batch_rows`` at a time."""
-        cap, lease, attempts = self.settings.max_batch, self.settings.job_lease_s, self.settings.max_attempts
+        cap, lease, attempts = self.max_batch, self.settings.job_lease_s, self.settings.max_attempts
         chat_room = max(0, cap + self.settings.chat_reserve - running)
         chats = jobs.claim_next(db, self.worker_id, lease, attempts, chat_room, QUEUES[:1], _rows) if chat_room else []
         if chats:
@@ -172,33 +241,44 @@ class JobRunner:
         return jobs.claim_next(db, self.worker_id, lease, attempts, room, QUEUES[1:], _rows) if room else []
 
     def _requests(self, db: Session, claimed: list[Job], engine: Engine | None) -> list[GenerationRequest]:
-        """Turn claimed jobs into engine requests (one per choice); a job that cannot run is failed at once."""
+        """Turn claimed jobs into engine requests (one per choice) here; a job that cannot run is failed at once."""
         requests = []
         for job in claimed:
-            self._active.add(job.id)
-            self._publishers[job.id] = JobPublisher(self.bus, job.id, self._buffer)
-            if engine is None:
-                self._store(job.id, jobs.Outcome("failed", error_code="model_not_loaded",
-                                                 error_message="this worker has no model loaded"))
+            spec = self._adopt(job, engine)
+            if spec is None:
                 continue
             try:
-                spec = _spec(job)
-                rows = requests_for(job.id, spec, _images(db, spec.image_ids()), to_epoch(job.created_at),
+                rows = requests_for(job.id, spec, load_images(db, spec.image_ids()), to_epoch(job.created_at),
                                     self.settings.max_job_s)
             except LookupError as exc:
                 self._store(job.id, jobs.Outcome("failed", error_code="invalid_request", error_message=str(exc)))
                 continue
-            self._models[job.id] = engine.info.label
-            self._choices[job.id] = ChoiceSet(spec.sampling.n, spec.sampling.n > 1 or spec.sampling.logprobs)
             requests.extend(rows)
         return requests
+
+    def _adopt(self, job: Job, engine: Engine | None) -> JobSpec | None:
+        """Hold a claimed job (its stream, its choices) and read its spec; one that cannot run fails now."""
+        self._active.add(job.id)
+        self._publishers[job.id] = JobPublisher(self.bus, job.id, self._buffer)
+        if engine is None:
+            self._store(job.id, jobs.Outcome("failed", error_code="model_not_loaded",
+                                             error_message="this worker has no model loaded"))
+            return None
+        try:
+            spec = read_spec(job)
+        except LookupError as exc:
+            self._store(job.id, jobs.Outcome("failed", error_code="invalid_request", error_message=str(exc)))
+            return None
+        self._models[job.id] = engine.info.label
+        self._choices[job.id] = ChoiceSet(spec.sampling.n, spec.sampling.n > 1 or spec.sampling.logprobs)
+        return spec
 
     def _delta(self, request_id: str, text: str, logprobs: list[dict] | None = None) -> None:
         """Stream one choice's text delta (and its tokens' log-probabilities) on the job's channel."""
         job_id, index = split_row_id(request_id)
         self._publishers[job_id].token(text, index, logprobs)
 
-    def _cancelled(self, request_ids: list[str], lease: _LeaseKeeper, steps: DecodeSteps) -> set[str]:
+    def _cancelled(self, request_ids: list[str], lease: LeaseKeeper, steps: DecodeSteps) -> set[str]:
         """Once per step: send the step's tokens, read the jobs' cancel flags (one round trip), map them to rows."""
         job_ids = sorted({split_row_id(rid)[0] for rid in request_ids})
         stopped = self._buffer.flush(job_ids) | (lease.lost & set(job_ids))
@@ -206,7 +286,7 @@ class JobRunner:
         steps.tick(request_ids, rows)  # after the flush: when the step's tokens reach the streams
         return rows
 
-    def _finish(self, result: GenerationResult, lease: _LeaseKeeper) -> None:
+    def _finish(self, result: GenerationResult, lease: LeaseKeeper) -> None:
         """Store a job's outcome as soon as its last choice is done, while the others keep generating."""
         job_id, index = split_row_id(result.request_id)
         choices = self._choices.get(job_id)
@@ -252,77 +332,3 @@ def _rows(job: Job) -> int:
 def _job_ids(requests: list[GenerationRequest]) -> list[str]:
     """Return the distinct jobs behind engine requests."""
     return sorted({split_row_id(r.request_id)[0] for r in requests})
-
-
-def _spec(job: Job) -> JobSpec:
-    """Read the job's contract; a missing or unreadable one is the job's own failure, not the worker's."""
-    if not job.spec:
-        raise LookupError("the job has no spec (stored by an older version and its conversation is gone)")
-    try:
-        return JobSpec.model_validate(job.spec)
-    except ValidationError as exc:
-        raise LookupError(f"the job's spec is not one this worker understands: {exc}") from exc
-
-
-class _LeaseKeeper:
-    """Renew the leases of the jobs being generated; note the ones taken away (cancelled or re-claimed)."""
-
-    def __init__(self, db: sessionmaker[Session], worker_id: str, lease_s: float, job_ids: list[str]) -> None:
-        self.db, self.worker_id, self.lease_s = db, worker_id, lease_s
-        self._held = set(job_ids)
-        self.lost: set[str] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="vlgate-lease", daemon=True)
-
-    def ids(self) -> list[str]:
-        with self._lock:
-            return sorted(self._held)
-
-    def add(self, job_ids: list[str]) -> None:
-        with self._lock:
-            self._held.update(job_ids)
-
-    def remove(self, job_id: str) -> None:
-        with self._lock:
-            self._held.discard(job_id)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        """Renew at a third of the lease so one missed renewal does not lose a job."""
-        while not self._stop.wait(self.lease_s / 3):
-            wanted = self.ids()
-            try:
-                with self.db() as db:
-                    held = jobs.renew_many(db, wanted, self.worker_id, self.lease_s)
-            except Exception:  # noqa: BLE001 - a database hiccup; the next renewal may succeed
-                log.warning("lease renewal failed", exc_info=True)
-                continue
-            with self._lock:
-                # Jobs finished meanwhile left _held; only the still-wanted ones count as lost.
-                self.lost.update((set(wanted) - held) & self._held)
-
-
-def _images(db: Session, image_ids: list[str]) -> dict[str, Image.Image]:
-    """Load stored (already normalised) PNGs by id."""
-    if not image_ids:
-        return {}
-    rows = db.execute(select(StoredImage.id, StoredImage.data).where(StoredImage.id.in_(set(image_ids)))).all()
-    found = {image_id: _open(data) for image_id, data in rows}
-    missing = set(image_ids) - set(found)
-    if missing:
-        raise LookupError(f"image(s) {sorted(missing)} are missing")
-    return found
-
-
-def _open(data: bytes) -> Image.Image:
-    """Decode a stored PNG."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image.convert("RGB")

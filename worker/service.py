@@ -22,6 +22,7 @@ from common.events import DoneEvent, ErrorEvent
 from common.models import Job
 from common.queue import EXIT_DEVICE_FAULT, enqueue, queue_depths
 from common.schemas import WorkerStatus
+from worker.capacity import running_rows
 from worker.engine import Engine
 from worker.faults import classify, device_fault, infrastructure_fault
 from worker.metrics import make_metrics
@@ -80,12 +81,16 @@ class WorkerService:
         else:
             return
         self._reclaim_own_jobs()
-        self.engine = engine
         info = engine.info
+        size = running_rows(self.settings, engine.model, info.device)
+        log.info("running up to %d rows together (%s)", size.rows, size.reason)
+        self.runner.max_batch = size.rows
+        self.engine = engine
         self.metrics.model_loaded(info)
         self._update(state="idle", loaded=True, error=None, model_label=info.label, is_demo=info.is_demo,
                      device=info.device, fallback_reason=info.fallback_reason,
-                     device_fallback_reason=info.device_fallback_reason, gpu_name=_gpu_name(info.device))
+                     device_fallback_reason=info.device_fallback_reason, gpu_name=_gpu_name(info.device),
+                     max_batch=size.rows, batch_sizing=size.reason)
 
     def _reclaim_own_jobs(self) -> None:
         """Hand back jobs an earlier process with this worker id held (a supervisor restarts a GPU's worker
@@ -105,6 +110,7 @@ class WorkerService:
         """Stop the background thread and /metrics, and remove this worker from the health report."""
         self._stop.set()
         self.metrics.close()
+        self.runner.close()
         try:
             self.bus.forget_worker(self.worker_id)
         except redis.RedisError:

@@ -1,0 +1,147 @@
+"""Build claimed jobs' prompts off the decode loop: stored images decoded, chat template, processor."""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from common.config import Settings
+from common.jobspec import JobSpec
+from common.models import Job, StoredImage
+from worker.choices import requests_for
+from worker.engine import Engine, GenerationRequest
+from worker.prompts import PromptBuilder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Ticket:
+    """A claimed job whose prompt is being built: the rows it will take and the requests it will become."""
+
+    job_id: str
+    rows: int
+    future: Future[list[GenerationRequest]]
+    pool: int = 0  # which pool took it (a broken pool is replaced once, not once per job it held)
+
+
+class Preparer:
+    """A small pool (threads or processes) that turns claimed jobs into engine requests with their prompts built."""
+
+    def __init__(self, settings: Settings, db: sessionmaker[Session], engine: Engine) -> None:
+        self.settings, self.db, self.engine = settings, db, engine
+        self.kind = settings.prepare_kind
+        self._pool = self._start()
+        self._generation = 0
+
+    def submit(self, job_id: str, spec: JobSpec, created_at: float | None, rows: int) -> Ticket:
+        """Queue one job's preparation; its future yields the requests, or raises LookupError if it cannot run."""
+        args = (job_id, spec, created_at, self.settings.max_job_s)
+        if self.kind == "process":
+            future = self._pool.submit(_prepare_in_child, *args)
+        else:
+            future = self._pool.submit(prepare_job, self.db, self.engine, *args)
+        return Ticket(job_id, rows, future, self._generation)
+
+    def restart(self, ticket: Ticket) -> None:
+        """Replace the pool that broke under this ticket (a pool process died): later jobs get a fresh one."""
+        if ticket.pool != self._generation:
+            return  # replaced already
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = self._start()
+        self._generation += 1
+
+    def close(self) -> None:
+        """Stop the pool; preparations still queued are dropped (their jobs were handed back or failed)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _start(self) -> Executor:
+        workers = max(1, self.settings.prepare_workers)
+        if self.kind == "thread":
+            return ThreadPoolExecutor(workers, thread_name_prefix="vlgate-prepare")
+        # spawn, not fork: forking a process whose torch threads are running can deadlock the child.
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_child,
+                                   initargs=(self.settings, self.engine.processor, self.engine.info.max_context))
+        # Start the processes now (each imports torch and loads the processor), not on the first job.
+        wait([pool.submit(_warm) for _ in range(workers)])
+        return pool
+
+
+def prepare_job(db: sessionmaker[Session], builder: Any, job_id: str, spec: JobSpec, created_at: float | None,
+                max_job_s: float | None) -> list[GenerationRequest]:
+    """Load a job's images, build one request per choice, and prepare its prompt once for all of them."""
+    with db() as session:
+        images = load_images(session, spec.image_ids())
+    requests = requests_for(job_id, spec, images, created_at, max_job_s)
+    prepared = builder.prepare_ahead(requests[0])  # every choice sees the same turns
+    for request in requests:
+        request.prepared = prepared
+    return requests
+
+
+def read_spec(job: Job) -> JobSpec:
+    """Read the job's contract; a missing or unreadable one is the job's own failure, not the worker's."""
+    if not job.spec:
+        raise LookupError("the job has no spec (stored by an older version and its conversation is gone)")
+    try:
+        return JobSpec.model_validate(job.spec)
+    except ValidationError as exc:
+        raise LookupError(f"the job's spec is not one this worker understands: {exc}") from exc
+
+
+def load_images(db: Session, image_ids: list[str]) -> dict[str, Image.Image]:
+    """Load stored (already normalised) PNGs by id; a missing one is the job's failure (LookupError)."""
+    if not image_ids:
+        return {}
+    rows = db.execute(select(StoredImage.id, StoredImage.data).where(StoredImage.id.in_(set(image_ids)))).all()
+    found = {image_id: _open(data) for image_id, data in rows}
+    missing = set(image_ids) - set(found)
+    if missing:
+        raise LookupError(f"image(s) {sorted(missing)} are missing")
+    return found
+
+
+def _open(data: bytes) -> Image.Image:
+    """Decode a stored PNG."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB")
+
+
+_child: tuple[sessionmaker[Session], PromptBuilder] | None = None  # a pool process's database and prompt builder
+
+
+def _start_child(settings: Settings, processor: Any, max_context: int) -> None:
+    """Set up a pool process: one torch thread (the decode loop owns the cores), its own database connection."""
+    import torch
+
+    from common.db import make_engine, make_session_factory
+
+    global _child
+    torch.set_num_threads(1)
+    _child = (make_session_factory(make_engine(settings.sqlalchemy_url)), PromptBuilder(processor, max_context))
+
+
+def _prepare_in_child(job_id: str, spec: JobSpec, created_at: float | None,
+                      max_job_s: float | None) -> list[GenerationRequest]:
+    """Prepare a job in a pool process."""
+    assert _child is not None, "the pool process was not initialised"
+    db, builder = _child
+    return prepare_job(db, builder, job_id, spec, created_at, max_job_s)
+
+
+def _warm() -> None:
+    """Run the processor once in a fresh pool process, so that the first job does not pay for its first call."""
+    assert _child is not None, "the pool process was not initialised"
+    from worker.generation import GenerationRequest, Turn
+
+    _child[1].prepare_ahead(GenerationRequest("warm#0", [Turn("user", "hi", [Image.new("RGB", (64, 64))])]))
