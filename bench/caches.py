@@ -39,8 +39,9 @@ def conversation_ttft(cached: Engine, plain: Engine, turns: int, tokens: int, si
         answers = {}
         for name, engine in (("on", cached), ("off", plain)):
             history[name].append(Turn("user", f"Question {t}: tell me about it.", images, [f"img_{t}"] * len(images)))
-            request = GenerationRequest(f"t{t}", list(history[name]), greedy, cache_key="bench:s" if name == "on"
-                                        else None, keep_cache=name == "on")
+            on = name == "on"
+            request = GenerationRequest(f"t{t}", list(history[name]), greedy, cache_key="bench:s" if on else None,
+                                        keep_key=(lambda _answer: "bench:s") if on else None)
             answers[name] = engine.generate([request])[0].text
             history[name].append(Turn("assistant", answers[name]))
         same = same and answers["on"] == answers["off"]

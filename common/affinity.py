@@ -1,7 +1,7 @@
-"""Session affinity: a chat session's next turn goes to the worker that holds its cached prefix.
+"""Conversation affinity: a conversation's next turn goes to the worker that holds its cached prefix.
 
 The worker that answered a turn and kept its KV cache (worker/prefix_cache.py) writes
-``vlgate:affinity:<tenant>:<session>`` → its worker id. When the next turn is submitted, the web reads it
+``vlgate:affinity:<conversation key>`` → its worker id. When the next turn is submitted, the web reads it
 in one round trip with the worker's liveness mark; a live worker gets the job as a hint (``jobs.worker_hint``)
 and its Celery task on that worker's own queue. Other workers leave a hinted job alone for
 ``AFFINITY_GRACE_S`` after it was enqueued, then anyone may take it (the hinted worker is full or gone:
@@ -9,6 +9,11 @@ the answer is the same, only its prefill is longer).
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
 
 import redis
 
@@ -18,9 +23,20 @@ AFFINITY_GRACE_S = 1.0  # how long other workers leave a job hinted to a live wo
 AFFINITY_TTL_S = 3600.0  # a session idle for longer has most likely lost its cache to newer ones
 
 
-def session_key(tenant: str, session_id: str) -> str:
-    """Return the cache key of a session: sessions are per tenant, like every other row."""
-    return f"{tenant}:{session_id}"
+def conversation_key(tenant: str, turns: Sequence[Any], answer: str | None = None) -> str:
+    """Return the key of a conversation so far: its tenant and each turn's role, text and image ids (plus an
+    answer to it, when given).
+
+    A turn's cache is kept under the key of its conversation with its answer; the next turn looks up the key of
+    everything before its own question. Sessions, forks of a session and stateless ``/v1`` clients that resend
+    the whole conversation all find the same entry, and tenants never share one.
+    """
+    digest = hashlib.sha256(json.dumps(tenant).encode())
+    for turn in turns:
+        digest.update(json.dumps([turn.role, turn.text, list(turn.image_ids)]).encode())
+    if answer is not None:
+        digest.update(json.dumps(["assistant", answer, []]).encode())
+    return digest.hexdigest()
 
 
 def direct_queue(worker_id: str) -> str:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import redis
 import requests
 from sqlalchemy import create_engine, select
 
@@ -176,6 +177,10 @@ class Stack:
         self.workers.append(service)
         wait_for_worker(self.base, name)
         return service
+
+    def redis_client(self) -> redis.Redis:
+        """Return a client of this stack's own Redis."""
+        return redis.Redis(port=self.redis_port)
 
     def job_row(self, job_id: str) -> Job:
         """Read a job straight from the database."""

@@ -38,7 +38,7 @@ def converse(engine: Engine, turns: list[tuple[str, list[tuple[str, Image.Image]
     for i, (text, images) in enumerate(turns):
         history.append(Turn("user", text, [im for _, im in images], [key for key, _ in images]))
         request = GenerationRequest(f"turn{i}", list(history), GREEDY, cache_key=session,
-                                    keep_cache=session is not None)
+                                    keep_key=(lambda _answer: session) if session else None)
         result = engine.generate([request])[0]
         assert result.finish_reason != "error", result.error_message
         results.append(result)
@@ -127,3 +127,15 @@ def test_the_vision_cache_keeps_its_byte_budget(engine: Engine):
         roomy = VisionCache(max_bytes=per_image)  # room for exactly one
         roomy.encode(engine.model, pixels, grids, ["k1", "k2"])
     assert roomy.bytes == per_image and roomy.misses == 2
+
+
+def test_a_turn_keeps_its_cache_under_the_key_its_next_turn_looks_up():
+    from common.affinity import conversation_key
+    from common.jobspec import TurnSpec
+
+    first = [TurnSpec(role="system", text="Be brief."), TurnSpec(role="user", text="What is it?", image_ids=["i1"])]
+    kept = conversation_key("acme", first, "A red cup.")
+    following = [*first, TurnSpec(role="assistant", text="A red cup."), TurnSpec(role="user", text="Price?")]
+    assert conversation_key("acme", following[:-1]) == kept
+    assert conversation_key("other", following[:-1]) != kept  # tenants never share an entry
+    assert conversation_key("acme", first, "A blue cup.") != kept

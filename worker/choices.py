@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 from PIL import Image
 
 from common import jobs
+from common.affinity import conversation_key
 from common.events import ChoiceOutcome
 from common.jobspec import JobSpec
 from worker.engine import GenerationRequest, GenerationResult, Turn
@@ -27,12 +29,15 @@ def split_row_id(request_id: str) -> tuple[str, int]:
 
 
 def requests_for(job_id: str, spec: JobSpec, images: dict[str, Image.Image], enqueued_at: float | None,
-                 max_seconds: float | None = None, session: str | None = None) -> list[GenerationRequest]:
+                 max_seconds: float | None = None, tenant: str | None = None) -> list[GenerationRequest]:
     """Build one engine request per choice: the same turns, each choice with its own seed.
 
-    ``session`` (tenant and session id) lets every choice start from the session's cached prefix; choice 0,
-    the answer the conversation keeps, leaves its own cache for the next turn.
+    With ``tenant`` (a chat: a conversation that may go on), every choice may start from the cached prefix of
+    the turns before its question, and choice 0, the answer a conversation keeps, leaves its own cache for the
+    next turn (common/affinity.py).
     """
+    cache_key = conversation_key(tenant, spec.turns[:-1]) if tenant is not None and len(spec.turns) > 1 else None
+    keep = partial(conversation_key, tenant, spec.turns) if tenant is not None else None
     turns = [Turn(t.role, t.text, [images[i] for i in t.image_ids], list(t.image_ids)) for t in spec.turns]
     s, stop = spec.sampling, spec.stop
     out = []
@@ -45,7 +50,7 @@ def requests_for(job_id: str, spec: JobSpec, images: dict[str, Image.Image], enq
             response_format=s.response_format, max_seconds=max_seconds,
         )
         out.append(GenerationRequest(row_id(job_id, index), turns, params, enqueued_at=enqueued_at,
-                                     cache_key=session, keep_cache=session is not None and index == 0))
+                                     cache_key=cache_key, keep_key=keep if index == 0 else None))
     return out
 
 

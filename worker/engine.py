@@ -172,8 +172,9 @@ class Engine:
             log.warning("not caching %s: %d cached positions for %d tokens", row.request.request_id,
                         batch.row_length(index), len(ids))
             return
-        if self.prefixes.put(row.request.cache_key or "", ids, row.image_keys, batch.row_cache(index)):
-            row.kept_prefix = row.request.cache_key
+        key = row.request.keep_key(row.stream.text) if row.request.keep_key else None
+        if key and self.prefixes.put(key, ids, row.image_keys, batch.row_cache(index)):
+            row.kept_prefix = key
 
     def _choose(self, batch: RunningBatch, on_delta: DeltaCallback | None, finish: FinishCallback,
                 check_cancelled: CancelCheck | None) -> list[int]:
@@ -199,7 +200,7 @@ class Engine:
                     log.warning("row %s failed to sample: %s", row.request.request_id, exc)
                     row.finish_reason, row.error = "error", f"sampling failed: {exc}"
             if row.finish_reason:
-                if row.request.keep_cache and row.request.cache_key and row.finish_reason != "error":
+                if row.request.keep_key is not None and row.finish_reason != "error":
                     self._keep_prefix(batch, i, row)
                 row.emit(on_delta, row.stream.finish())
                 finish(row.result())

@@ -35,8 +35,8 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     enqueued_at: float | None = None  # epoch seconds, for the queue time
     prepared: Prepared | None = None  # the prompt already built off the decode loop (worker/prepare.py)
-    cache_key: str | None = None  # (tenant, session): this row may reuse the session's cached prefix
-    keep_cache: bool = False  # store this row's KV cache as the session's prefix when it ends (choice 0)
+    cache_key: str | None = None  # the conversation before this turn: this row may start from its cached prefix
+    keep_key: Callable[[str], str] | None = None  # answer -> the key to keep this row's KV cache under (choice 0)
 
 
 @dataclass

@@ -107,7 +107,7 @@ def _new_job(job_id: str, spec: JobSpec, now: datetime, **fields: Any) -> Job:
 
 
 def _store(db: Session, request: ChatRequest, images: list[NormalizedImage], settings: Settings,
-           worker_hint: str | None = None) -> Job:
+           route: Callable[[JobSpec], str | None] | None = None) -> Job:
     """Add session, images, user message and job to the session's transaction and commit it."""
     now = utcnow()
     session_id = request.session_id
@@ -130,7 +130,8 @@ def _store(db: Session, request: ChatRequest, images: list[NormalizedImage], set
     sampling, stop = request.job_parts(settings.default_temperature, settings.default_max_tokens)
     spec = JobSpec(turns=[*history, TurnSpec(role="user", text=request.prompt, image_ids=image_ids)],
                    sampling=sampling, stop=stop)
-    job = _new_job(job_id, spec, now, session_id=session_id, user_message_id=message.id, worker_hint=worker_hint)
+    job = _new_job(job_id, spec, now, session_id=session_id, user_message_id=message.id,
+                   worker_hint=route(spec) if route else None)
     db.add(job)
     count_submission(db, owner(), jobs=1, images=len(images))
     db.commit()
@@ -138,12 +139,12 @@ def _store(db: Session, request: ChatRequest, images: list[NormalizedImage], set
     return job
 
 
-def _session_worker(services: Services, session_id: str | None) -> str | None:
-    """Return the live worker holding this session's cached prefix (common/affinity.py), if any."""
-    if session_id is None or services.settings.prefix_cache_mb <= 0:
+def _worker_for(services: Services, spec: JobSpec) -> str | None:
+    """Return the live worker holding the cached prefix of this conversation's earlier turns, if any."""
+    if len(spec.turns) < 2 or services.settings.prefix_cache_mb <= 0:
         return None
     try:
-        return affinity.route(services.redis, affinity.session_key(owner()["tenant"], session_id))
+        return affinity.route(services.redis, affinity.conversation_key(owner()["tenant"], spec.turns[:-1]))
     except redis.RedisError:  # no hint: any worker answers, with a longer prefill
         return None
 
@@ -166,10 +167,9 @@ def submit_chat(db: Session, services: Services, body: Any) -> Submitted:
     charge(requests=1, tokens=estimate_tokens(len(request.prompt), len(images),
                                               request.max_tokens or settings.default_max_tokens))
     require_model(services.bus, settings.model_wait_s)
-    hint = _session_worker(services, request.session_id)
     try:
         with admission(db, CHAT_QUEUE, jobs=1):
-            job = _store(db, request, images, settings, hint)
+            job = _store(db, request, images, settings, lambda spec: _worker_for(services, spec))
     except BaseException:
         db.rollback()
         raise
@@ -191,7 +191,8 @@ def submit_turns(db: Session, services: Services, turns: list[DraftTurn], sampli
         with admission(db, CHAT_QUEUE, jobs=1):
             specs = [TurnSpec(role=t.role, text=t.text, image_ids=_store_images(db, t.images))
                      for t in turns]
-            job = _new_job(new_id("job"), JobSpec(turns=specs, sampling=sampling, stop=stop), utcnow())
+            spec = JobSpec(turns=specs, sampling=sampling, stop=stop)
+            job = _new_job(new_id("job"), spec, utcnow(), worker_hint=_worker_for(services, spec))
             db.add(job)
             count_submission(db, owner(), jobs=1, images=sum(len(t.images) for t in turns))
             db.commit()
