@@ -47,9 +47,10 @@ lint: dev
 
 bench: dev
 	$(PY) -m bench.engine
-	$(PY) -m bench.service
+	$(PY) -m bench.engine --shape mid
+	$(PY) -m bench.service --shape both
 	$(PY) -m bench.stream
-	$(PY) -m bench.batching
+	$(PY) -m bench.batching --shape both
 	$(PY) -m bench.constrained
 	$(PY) -m bench.batch_api
 	$(PY) -m bench.caches

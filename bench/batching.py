@@ -1,5 +1,5 @@
-"""Measure continuous batching through the service on the demo model: many concurrent jobs versus one at a time in
-process, and chat time-to-first-token while a large batch runs versus on an idle system."""
+"""Measure continuous batching through the service, per model shape: many concurrent jobs versus the engine's own
+batches of the same size and one at a time in process, and chat time-to-first-token while a large batch runs."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 
 from bench import engine as engine_bench
 from bench import service
-from bench.service import IMAGE_B64, PROMPT, pct, table
+from bench.service import IMAGE_B64, PROMPT, SHAPE_HELP, SHAPES, pct, shape_settings, table
 from bench.stream import chat, chat_socket
 from common.config import Settings
 from devtools import live
@@ -32,8 +32,8 @@ class Stack(service.Stack):
     """bench.service's private stack (production lease/reaper timings) with the scheduler's batch sizes set."""
 
     def __init__(self, data_dir: Path, tmp: Path, database: str, max_batch: int, chat_reserve: int,
-                 metrics: bool = True) -> None:
-        super().__init__(data_dir, tmp, database, metrics)
+                 metrics: bool = True, model: str = "demo") -> None:
+        super().__init__(data_dir, tmp, database, metrics, model)
         for process in self.services[1:]:  # web and worker; redis keeps its own environment
             process.env.update(VLGATE_MAX_BATCH=str(max_batch), VLGATE_CHAT_RESERVE=str(chat_reserve))
 
@@ -67,10 +67,10 @@ class Ttft:
 
 
 @contextlib.contextmanager
-def running(data_dir: Path, database: str, max_batch: int, chat_reserve: int) -> Iterator[Stack]:
+def running(data_dir: Path, database: str, max_batch: int, chat_reserve: int, model: str = "demo") -> Iterator[Stack]:
     """Start a private stack in a temporary directory; always stop it."""
     with tempfile.TemporaryDirectory(prefix="vlgate-bench-") as tmp:
-        stack = Stack(data_dir, Path(tmp), database, max_batch, chat_reserve)
+        stack = Stack(data_dir, Path(tmp), database, max_batch, chat_reserve, model=model)
         try:
             stack.start()
             yield stack
@@ -96,17 +96,20 @@ def item(request: GenerationRequest, tokens: int) -> dict:
             "temperature": 0, "max_tokens": tokens, "min_tokens": tokens}
 
 
-def in_process(engine: Engine, reqs: list[GenerationRequest], tokens: int) -> Throughput:
-    """The tutorial's way: ``engine.generate([r])`` for one request after another, with the worker's one thread."""
+def in_process(engine: Engine, reqs: list[GenerationRequest], tokens: int, batch: int = 1) -> Throughput:
+    """``engine.generate`` on ``batch`` requests at a time (1: the tutorial's way), with the worker's one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the worker runs with OMP_NUM_THREADS=1: compare like with like
     try:
         engine.generate(engine_bench.make_requests(2, 4, "warm"))  # one-off allocator and processor costs
-        tps = engine_bench._tokens_per_s(engine, [[r] for r in reqs], tokens)  # fails on any short row
+        chunks = [reqs[i:i + batch] for i in range(0, len(reqs), batch)]
+        tps = engine_bench._tokens_per_s(engine, chunks, tokens)  # fails on any short row
     finally:
         torch.set_num_threads(threads)
     made = len(reqs) * tokens
-    return Throughput("in process, engine.generate([r]) one at a time", len(reqs), made / tps, made, 1.0)
+    label = ("in process, engine.generate([r]) one at a time" if batch == 1 else
+             f"in process, engine.generate in batches of {batch}")
+    return Throughput(label, len(reqs), made / tps, made, float(min(batch, len(reqs))))
 
 
 def post_batch(http: requests.Session, stack: Stack, items: list[dict]) -> str:
@@ -169,24 +172,25 @@ def under_batch(http: requests.Session, stack: Stack, size: int, tokens: int, co
 
 def run_benchmark(engine: Engine, data_dir: Path, jobs: int, tokens: int, batch_items: int, batch_tokens: int,
                   turns: int, chat_tokens: int, gap_s: float, max_batch: int, chat_reserve: int,
-                  repeats: int = 1, with_serial: bool = False, database: str = "sqlite") -> dict:
+                  repeats: int = 1, with_serial: bool = False, database: str = "sqlite", model: str = "demo") -> dict:
     """Measure on a private stack, alternating with in process (and on a MAX_BATCH=1 stack if asked)."""
     reqs = engine_bench.make_requests(jobs, tokens, "job")
     items = [item(r, tokens) for r in reqs]
-    batched, alone = [], []
-    with running(data_dir, database, max_batch, chat_reserve) as stack, requests.Session() as http:
+    batched, engine_batched, alone = [], [], []
+    with running(data_dir, database, max_batch, chat_reserve, model) as stack, requests.Session() as http:
         through_service(http, stack, items[:max_batch], tokens, "warmup")
-        for _ in range(repeats):  # interleaved, so drift (other load on the host) hits both sides alike
+        for _ in range(repeats):  # interleaved, so drift (other load on the host) hits every side alike
             batched.append(through_service(http, stack, items, tokens, f"service, MAX_BATCH={max_batch}"))
+            engine_batched.append(in_process(engine, reqs, tokens, max_batch))
             alone.append(in_process(engine, reqs, tokens))
-        rows = [median(batched), median(alone)]
+        rows = [median(batched), median(engine_batched), median(alone)]
         chats(stack, 2, chat_tokens, 0)  # warm the socket path
         idle = chats(stack, turns, chat_tokens, gap_s)
         busy, competition = under_batch(http, stack, batch_items, batch_tokens, turns, chat_tokens, gap_s, max_batch)
     if with_serial:
-        with running(data_dir, database, 1, chat_reserve) as serial, requests.Session() as http:
+        with running(data_dir, database, 1, chat_reserve, model) as serial, requests.Session() as http:
             through_service(http, serial, items[:2], tokens, "warmup")
-            rows.insert(1, median([through_service(http, serial, items, tokens, "service, MAX_BATCH=1")
+            rows.insert(2, median([through_service(http, serial, items, tokens, "service, MAX_BATCH=1")
                                    for _ in range(repeats)]))
     info, defaults = stack.worker_info, Settings.model_fields
     header = {
@@ -229,15 +233,17 @@ def print_report(result: dict, tokens: int, batch_items: int, batch_tokens: int,
     for key, value in result["header"].items():
         print(f"{key + ':':11}{value}")
     rows: list[Throughput] = result["throughput"]
-    alone = rows[-1]
+    alone, own = rows[-1], next(r for r in rows if r.label.startswith("in process, engine.generate in batches"))
     print(f"\n1. Throughput: {rows[0].items} jobs submitted at once as one POST /api/batches (JSON items), "
           f"{tokens} tokens each greedy (min_tokens = max_tokens), one image each (bench.engine's 4 sizes); "
           "wall = POST -> GET /api/batches/<id> shows every item final (polled every 50 ms); "
           f"median of {result['repeats']} runs, service and in process alternating")
     names = ["wall s", "items/s", "generated tokens/s", "throughput vs one at a time in process",
+             "throughput vs the engine's own batches of the same size (target >= 90 %)",
              "jobs generating at once, mean (workers' started_at/finished_at)"]
     cells = [[f"{r.wall_s:.2f}", f"{r.items_per_s:.2f}", f"{r.tokens_per_s:.1f}",
-              f"{r.tokens_per_s / alone.tokens_per_s:.2f}x", f"{r.overlap:.2f}"] for r in rows]
+              f"{r.tokens_per_s / alone.tokens_per_s:.2f}x", f"{r.tokens_per_s / own.tokens_per_s:.0%}",
+              f"{r.overlap:.2f}"] for r in rows]
     table(["", *(r.label for r in rows)], [[n, *v] for n, *v in zip(names, *cells, strict=True)])
     idle, busy, comp = result["idle"], result["busy"], result["competition"]
     print(f"\n2. Chat time to first token: {len(idle.client_ms)} turns over /ws/chat, one after another "
@@ -261,43 +267,52 @@ def print_report(result: dict, tokens: int, batch_items: int, batch_tokens: int,
           f"{after['running']} running and {after['queued']} queued; then it was cancelled (DELETE).")
 
 
+# Per shape: jobs, tokens, repeats, competing batch items, chat turns (the mid shape's step is ~20x the demo's).
+DEFAULTS = {"demo": (64, 64, 3, 1000, 20), "mid": (16, 32, 2, 100, 6)}
+
+
 @click.command()
-@click.option("--jobs", type=int, default=64, show_default=True, help="Concurrent jobs for the throughput.")
-@click.option("--tokens", type=int, default=64, show_default=True, help="max_tokens = min_tokens per job.")
-@click.option("--repeats", type=int, default=3, show_default=True, help="Throughput runs per column; median kept.")
+@click.option("--shape", type=click.Choice([*SHAPES, "both"]), default="demo", show_default=True, help=SHAPE_HELP)
+@click.option("--jobs", type=int, default=None, help="Concurrent jobs for the throughput [demo 64, mid 16].")
+@click.option("--tokens", type=int, default=None, help="max_tokens = min_tokens per job [demo 64, mid 32].")
+@click.option("--repeats", type=int, default=None, help="Throughput runs per column; median kept [demo 3, mid 2].")
 @click.option("--max-batch", type=int, default=8, show_default=True, help="VLGATE_MAX_BATCH of the stack.")
 @click.option("--chat-reserve", type=int, default=4, show_default=True, help="VLGATE_CHAT_RESERVE of the stack.")
 @click.option("--serial/--no-serial", default=False, show_default=True,
               help="Also run the jobs through a second stack with MAX_BATCH=1.")
-@click.option("--batch-items", type=int, default=1000, show_default=True, help="Items of the competing batch.")
+@click.option("--batch-items", type=int, default=None, help="Items of the competing batch [demo 1000, mid 100].")
 @click.option("--batch-tokens", type=int, default=32, show_default=True, help="Tokens per competing batch item.")
-@click.option("--turns", type=int, default=20, show_default=True, help="Chat turns idle and during the batch.")
+@click.option("--turns", type=int, default=None, help="Chat turns idle and during the batch [demo 20, mid 6].")
 @click.option("--chat-tokens", type=int, default=16, show_default=True, help="Tokens per chat turn.")
 @click.option("--gap", "gap_s", type=float, default=0.3, show_default=True, help="Seconds between chat turns.")
 @click.option("--database", type=click.Choice(["sqlite", "postgres"]), default="sqlite", show_default=True)
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Data dir with the demo checkpoint.")
 @click.option("--metrics-compare", is_flag=True, help="Instead: batched throughput with worker metrics on vs off, "
-              "as a ratio (two stacks, rounds alternating; --jobs x --tokens per side per round).")
+              "as a ratio (two stacks, rounds alternating; --jobs x --tokens per side per round; demo shape).")
 @click.option("--rounds", type=int, default=8, show_default=True, help="Rounds of --metrics-compare.")
-def main(jobs: int, tokens: int, repeats: int, max_batch: int, chat_reserve: int, serial: bool, batch_items: int,
-         batch_tokens: int, turns: int, chat_tokens: int, gap_s: float, database: str, data_dir: Path | None,
-         metrics_compare: bool, rounds: int) -> None:
-    """Print service throughput with continuous batching versus one at a time, and chat TTFT under a batch."""
+def main(shape: str, jobs: int | None, tokens: int | None, repeats: int | None, max_batch: int, chat_reserve: int,
+         serial: bool, batch_items: int | None, batch_tokens: int, turns: int | None, chat_tokens: int, gap_s: float,
+         database: str, data_dir: Path | None, metrics_compare: bool, rounds: int) -> None:
+    """Print service throughput with continuous batching versus in process, and chat TTFT under a batch."""
     from transformers.utils import logging as hf_logging
 
     from worker.loader import load_engine
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM tears the stack down like Ctrl-C
     hf_logging.disable_progress_bar()
-    settings = Settings(model="demo", device="cpu", hf_offline=True, **({"data_dir": data_dir} if data_dir else {}))
-    engine = load_engine(settings)  # builds the demo checkpoint first, so the worker finds it ready
-    if metrics_compare:
-        service.print_metrics_cost(run_metrics_compare(settings.data_dir, rounds, jobs, tokens, max_batch,
-                                                       chat_reserve, database))
-        return
-    result = run_benchmark(engine, settings.data_dir, jobs, tokens, batch_items, batch_tokens, turns, chat_tokens,
-                           gap_s, max_batch, chat_reserve, repeats, serial, database)
-    print_report(result, tokens, batch_items, batch_tokens, chat_tokens, gap_s)
+    for name in SHAPES if shape == "both" and not metrics_compare else ("demo" if metrics_compare else shape,):
+        given = [jobs, tokens, repeats, batch_items, turns]
+        n_jobs, n_tokens, n_repeats, n_items, n_turns = (v or d for v, d in zip(given, DEFAULTS[name], strict=True))
+        settings = shape_settings(name, data_dir)
+        engine = load_engine(settings)  # builds the checkpoint first, so the worker finds it ready
+        if metrics_compare:
+            service.print_metrics_cost(run_metrics_compare(settings.data_dir, rounds, n_jobs, n_tokens, max_batch,
+                                                           chat_reserve, database))
+            return
+        print(f"\n=== shape {name} ===")
+        result = run_benchmark(engine, settings.data_dir, n_jobs, n_tokens, n_items, batch_tokens, n_turns,
+                               chat_tokens, gap_s, max_batch, chat_reserve, n_repeats, serial, database, settings.model)
+        print_report(result, n_tokens, n_items, batch_tokens, chat_tokens, gap_s)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Measure the engine: batched versus one-at-a-time on the demo model, and decode speed at Qwen3-VL-4B's shapes."""
+"""Measure the engine: batched versus one-at-a-time on the demo and mid shapes, and decode speed at Qwen3-VL-4B's."""
 
 from __future__ import annotations
 
@@ -207,10 +207,14 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
         print("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)))
 
 
-def run_demo(settings: Settings, batch_sizes: list[int], tokens: int, repeats: int) -> None:
-    """Load the demo model and print batched versus sequential throughput."""
+def run_demo(settings: Settings, batch_sizes: list[int], tokens: int, repeats: int, shape: str = "demo") -> None:
+    """Load a random-weight shape (demo or mid) and print batched versus sequential throughput and step times."""
     from worker.loader import load_engine
+    from worker.shapes import ensure_shaped_checkpoint
 
+    if shape != "demo":
+        path = ensure_shaped_checkpoint(settings.demo_dir, shape)
+        settings = settings.model_copy(update={"model": str(path)})
     engine = load_engine(settings)
     info = engine.info
     print(f"model: {info.label}\ndevice: {info.device}  dtype: {info.dtype}  torch threads: {torch.get_num_threads()}")
@@ -219,6 +223,10 @@ def run_demo(settings: Settings, batch_sizes: list[int], tokens: int, repeats: i
     rows = compare_batching(engine, batch_sizes, tokens, repeats)
     print_table(["batch", "batched tok/s", "sequential tok/s", "batched/sequential"],
                 [[str(r.batch), f"{r.batched_tps:.1f}", f"{r.sequential_tps:.1f}", f"{r.ratio:.2f}x"] for r in rows])
+    print(f"\nDecode step (first token -> last, over {tokens - 1} steps), median of {repeats}")
+    steps = measure_decode(engine, batch_sizes, tokens, repeats)
+    print_table(["batch", "prefill s", "step ms", "decode tok/s"],
+                [[str(r.batch), f"{r.prefill_s:.3f}", f"{r.step_s * 1e3:.1f}", f"{r.tokens_per_s:.1f}"] for r in steps])
 
 
 def run_4b(settings: Settings, batch_sizes: list[int], tokens: int, repeats: int, given_gbs: float | None) -> None:
@@ -260,13 +268,15 @@ def run_4b(settings: Settings, batch_sizes: list[int], tokens: int, repeats: int
 
 
 @click.command()
-@click.option("--shape", type=click.Choice(["demo", "4b"]), default="demo", show_default=True,
-              help="demo: batched vs sequential on the tiny model; 4b: decode speed at Qwen3-VL-4B shapes.")
+@click.option("--shape", type=click.Choice(["demo", "mid", "4b"]), default="demo", show_default=True,
+              help="demo: batched vs sequential on the tiny model; mid: the same on the benchmark shape whose CPU step "
+              "matches the 4B model's GPU step (worker/shapes.py); 4b: decode speed at Qwen3-VL-4B shapes.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Data dir with the demo checkpoint.")
 @click.option("--device", default="auto", show_default=True, help="'auto', 'cpu' or 'cuda:N'.")
-@click.option("--tokens", type=int, default=None, help="New tokens per request [demo 64; 4b 32 on GPU, 8 on CPU].")
-@click.option("--batch-sizes", default=None, help="Comma-separated [demo 1,4,8; 4b 1,16 on GPU, 1,2 on CPU].")
-@click.option("--repeats", type=int, default=None, help="Runs per measurement, median reported [3; 4b on CPU 1].")
+@click.option("--tokens", type=int, default=None,
+              help="New tokens per request [demo 64; mid 32; 4b 32 on GPU, 8 on CPU].")
+@click.option("--batch-sizes", default=None, help="Comma-separated [demo 1,4,8; mid 1,8; 4b 1,16 on GPU, 1,2 on CPU].")
+@click.option("--repeats", type=int, default=None, help="Runs per measurement, median [3; mid 2; 4b on CPU 1].")
 @click.option("--bandwidth-gbs", "given_gbs", type=float, default=None,
               help="Memory bandwidth [by GPU name, else measured].")
 def main(shape: str, data_dir: Path | None, device: str, tokens: int | None, batch_sizes: str | None,
@@ -277,6 +287,10 @@ def main(shape: str, data_dir: Path | None, device: str, tokens: int | None, bat
     if shape == "demo":
         sizes = [int(b) for b in (batch_sizes or "1,4,8").split(",")]
         run_demo(settings, sizes, tokens or 64, repeats or 3)
+        return
+    if shape == "mid":
+        sizes = [int(b) for b in (batch_sizes or "1,8").split(",")]
+        run_demo(settings, sizes, tokens or 32, repeats or 2, "mid")
         return
     on_cpu = not torch.cuda.is_available() or device == "cpu"
     sizes = [int(b) for b in (batch_sizes or ("1,2" if on_cpu else "1,16")).split(",")]

@@ -89,28 +89,31 @@ def _build_tokenizer(out: Path):
     return fast
 
 
-def _build_model(out: Path, tokenizer) -> None:
-    """Create the tiny Qwen3-VL model with fixed seeds and save it with ``save_pretrained``."""
+# The demo's sizes; a named benchmark shape (worker/shapes.py) overrides some of them.
+DEMO_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16,
+             "mrope_section": [2, 3, 3]}  # mrope_section must sum to head_dim / 2
+DEMO_VISION = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+               "deepstack_visual_indexes": [1]}  # deepstack indexes must be below the vision depth
+
+
+def _build_model(out: Path, tokenizer, text: dict | None = None, vision: dict | None = None) -> None:
+    """Create a random Qwen3-VL model (the demo's sizes unless given) with fixed seeds and save it."""
     import torch
     from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    head_dim = 16
+    text = {**DEMO_TEXT, **(text or {})}
+    mrope_section = text.pop("mrope_section")
     config = Qwen3VLConfig(
         text_config={
+            **text,
             "vocab_size": len(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": head_dim,
             "max_position_embeddings": 32768,
-            # mrope_section must sum to head_dim / 2.
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 5_000_000.0,
-                "mrope_section": [2, 3, 3],
+                "mrope_section": mrope_section,
                 "mrope_interleaved": True,
             },
             "initializer_range": 0.3,
@@ -119,16 +122,13 @@ def _build_model(out: Path, tokenizer) -> None:
             "eos_token_id": ids["<|im_end|>"],
         },
         vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
+            **DEMO_VISION,
+            **(vision or {}),
             "patch_size": 16,
             "temporal_patch_size": 2,
             "spatial_merge_size": 2,
-            "out_hidden_size": 64,  # must equal the text hidden size
+            "out_hidden_size": text["hidden_size"],  # must equal the text hidden size
             "num_position_embeddings": 64,  # must be a perfect square
-            "deepstack_visual_indexes": [1],  # must be below the vision depth
         },
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -193,18 +193,22 @@ def _build_image_processor(out: Path) -> None:
 
 def ensure_demo_checkpoint(cache_dir: Path) -> Path:
     """Return the demo checkpoint directory, building it atomically if it is missing."""
-    cache_dir = Path(cache_dir)
-    target = cache_dir / f"v{DEMO_VERSION}"
+    return ensure_checkpoint(Path(cache_dir) / f"v{DEMO_VERSION}", {"version": DEMO_VERSION, "label": DEMO_LABEL})
+
+
+def ensure_checkpoint(target: Path, meta: dict, text: dict | None = None, vision: dict | None = None) -> Path:
+    """Return a random-weight checkpoint directory (demo sizes unless given), building it atomically if missing."""
+    cache_dir = target.parent
     if (target / "model.safetensors").exists() and (target / "vlgate_demo.json").exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))
     try:
-        log.warning("building the demo checkpoint (random weights) in %s", target)
+        log.warning("building a random-weight checkpoint (%s) in %s", meta["label"], target)
         tokenizer = _build_tokenizer(tmp)
-        _build_model(tmp, tokenizer)
+        _build_model(tmp, tokenizer, text, vision)
         _build_image_processor(tmp)
-        (tmp / "vlgate_demo.json").write_text(json.dumps({"version": DEMO_VERSION, "label": DEMO_LABEL}))
+        (tmp / "vlgate_demo.json").write_text(json.dumps(meta))
         try:
             os.rename(tmp, target)
         except OSError:
@@ -219,6 +223,14 @@ def ensure_demo_checkpoint(cache_dir: Path) -> Path:
 def is_demo_checkpoint(path: str | Path) -> bool:
     """Tell whether a model directory is a vlgate demo checkpoint."""
     return (Path(path) / "vlgate_demo.json").exists()
+
+
+def checkpoint_label(path: str | Path) -> str:
+    """Return the label a random-weight checkpoint carries (the demo's for older builds without one)."""
+    try:
+        return str(json.loads((Path(path) / "vlgate_demo.json").read_text()).get("label") or DEMO_LABEL)
+    except (OSError, ValueError):
+        return DEMO_LABEL
 
 
 def checkpoint_digest(path: Path) -> str:
