@@ -21,8 +21,8 @@ from common.config import Settings
 SYSTEMS = ("vlgate", "peer", "inprocess")
 
 
-def start_systems(names: list[str], peer_cb: bool, venv_dir: Path, settings: Settings, checkpoint: Path, tmp: Path,
-                  cleanup: contextlib.ExitStack) -> tuple[list[Any], list[str]]:
+def start_systems(names: list[str], peer_cb: bool, caches: bool, venv_dir: Path, settings: Settings, checkpoint: Path,
+                  tmp: Path, cleanup: contextlib.ExitStack) -> tuple[list[Any], list[str]]:
     """Start each wanted system (stopped by ``cleanup``); return them and, for any that could not run, why."""
     systems: list[Any] = []
     missing: list[str] = []
@@ -33,7 +33,7 @@ def start_systems(names: list[str], peer_cb: bool, venv_dir: Path, settings: Set
         systems.append(system)
 
     if "vlgate" in names:
-        add(Vlgate(settings.data_dir, tmp / "vlgate"))
+        add(Vlgate(settings.data_dir, tmp / "vlgate", caches))
     if "peer" in names:
         try:
             venv = ensure_peer_venv(venv_dir)
@@ -112,11 +112,13 @@ def print_agreement(systems: list[Any], runs: list[Round]) -> None:
 @click.option("--tokens", type=int, default=64, show_default=True, help="max_tokens per request.")
 @click.option("--peer-continuous-batching", is_flag=True,
               help="Also run `transformers serve --continuous-batching` as an extra column.")
+@click.option("--vlgate-caches", is_flag=True, help="Keep vlgate's vision-encoder and session prefix caches on "
+              "(default off: every request repeats the same image, which only vlgate could cache).")
 @click.option("--peer-venv", type=click.Path(path_type=Path), default=DEFAULT_DIR, show_default=True,
               help="The peer's own venv (built once, reused while its marker matches).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Data dir with the demo checkpoint.")
-def main(systems: str, concurrency: str, rounds: int, tokens: int, peer_continuous_batching: bool, peer_venv: Path,
-         data_dir: Path | None) -> None:
+def main(systems: str, concurrency: str, rounds: int, tokens: int, peer_continuous_batching: bool, vlgate_caches: bool,
+         peer_venv: Path, data_dir: Path | None) -> None:
     """Print vlgate against transformers serve and model.generate, the same requests, alternating rounds."""
     from transformers.utils import logging as hf_logging
 
@@ -135,8 +137,8 @@ def main(systems: str, concurrency: str, rounds: int, tokens: int, peer_continuo
     workload = Workload(tokens)
     with tempfile.TemporaryDirectory(prefix="vlgate-peer-") as tmp, contextlib.ExitStack() as cleanup:
         (Path(tmp) / "vlgate").mkdir()
-        started, missing = start_systems(names, peer_continuous_batching, peer_venv, settings, checkpoint, Path(tmp),
-                                         cleanup)
+        started, missing = start_systems(names, peer_continuous_batching, vlgate_caches, peer_venv, settings,
+                                         checkpoint, Path(tmp), cleanup)
         print(f"checkpoint: {checkpoint} (demo: tiny random-weight Qwen3-VL), CPU float32, 1 compute thread each")
         print(f"requests:   one 96x64 PNG + one of 4 prompts (the same for every system), max_tokens {tokens}, "
               f"temperature 0, streamed; N = {ns}, {rounds} rounds, system order reversed every other round")

@@ -119,8 +119,11 @@ class Vlgate(OpenAIServer):
 
     name = "vlgate"
 
-    def __init__(self, data_dir: Path, tmp: Path) -> None:
-        self.stack = service.Stack(data_dir, tmp, "sqlite")
+    def __init__(self, data_dir: Path, tmp: Path, caches: bool = False) -> None:
+        self.stack, self.caches = service.Stack(data_dir, tmp, "sqlite"), caches
+        if not caches:  # the peers encode every image and prefill every prompt: so does vlgate, unless asked
+            for process in self.stack.services[1:]:
+                process.env.update(VLGATE_VISION_CACHE_MB="0", VLGATE_PREFIX_CACHE_MB="0")
         super().__init__(self.stack.base, "demo")
 
     def start(self) -> None:
@@ -134,9 +137,11 @@ class Vlgate(OpenAIServer):
         return "\n".join(f"--- {s.name}\n{s.log()}" for s in self.stack.services)
 
     def describe(self) -> str:
-        argv = self.stack.services[1].argv
-        return (f"gunicorn -k gthread {argv[argv.index('--threads') + 1]} threads + Redis + 1 Celery worker (solo "
-                "pool, default MAX_BATCH/CHAT_RESERVE), sqlite; project .venv: "
+        argv = self.stack.services[1].argv  # whatever devtools.live runs the web with (worker class, threads)
+        web = " ".join(a for a in argv[1:] if not a.startswith(("127.0.0.1:", "web:")) and a != "-b")
+        caches = "on" if self.caches else "off (VLGATE_VISION_CACHE_MB=0, VLGATE_PREFIX_CACHE_MB=0)"
+        return (f"gunicorn {web} + Redis + 1 Celery worker (solo pool, default MAX_BATCH/CHAT_RESERVE), sqlite; "
+                f"vision and prefix caches {caches}; project .venv: "
                 f"torch {_version('torch')}, transformers {_version('transformers')}")
 
 
@@ -177,8 +182,8 @@ class TransformersServe(OpenAIServer):
         return "does not support continuous batching" in self.process.log_path.read_text(errors="replace")
 
     def describe(self) -> str:
-        v = self.venv.versions
-        return (f"{' '.join(self.process.argv[1:2] + self.process.argv[3:])} <checkpoint>, OMP_NUM_THREADS=1; its own "
+        v, flags = self.venv.versions, " ".join(self.process.argv[3:])
+        return (f"transformers serve <checkpoint> {flags}, OMP_NUM_THREADS=1; its own "
                 f"venv {self.venv.path} ({'built in this run' if self.venv.built_now else 'reused'}): torch "
                 f"{v['torch']}, torchvision {v['torchvision']}, transformers[serving] {v['transformers']}")
 
