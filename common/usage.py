@@ -9,13 +9,14 @@ workers never lose an update to a read-modify-write race.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
 
-from sqlalchemy import Select, or_, select, update
+from sqlalchemy import Select, bindparam, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -44,18 +45,24 @@ def add_usage(db: Session, key_id: str | None, tenant: str, *, day: date | None 
     counts = {name: int(value) for name, value in counts.items() if value}
     if not counts:
         return
-    dialect = db.get_bind().dialect.name
+    values = {name: counts.get(name, 0) for name in COUNTERS}
+    statement = _upsert(db.get_bind().dialect.name, tuple(counts))
+    db.connection().execute(statement, {"key_id": key_id or OPEN_KEY, "day": day or today(), "tenant": tenant,
+                                        **values})
+
+
+@functools.cache
+def _upsert(dialect: str, names: tuple[str, ...]) -> Any:
+    """Build the upsert adding ``names`` to a key's day once (building it cost more than running it)."""
     insert = UPSERTS.get(dialect)
     if insert is None:
         raise NotImplementedError(f"usage accounting supports SQLite and Postgres, not {dialect}")
-    values = {name: counts.get(name, 0) for name in COUNTERS}
-    statement = insert(UsageDay).values(key_id=key_id or OPEN_KEY, day=day or today(), tenant=tenant, **values)
-    table = UsageDay.__table__.c
-    statement = statement.on_conflict_do_update(
-        index_elements=[table.key_id, table.day],
-        set_={name: table[name] + statement.excluded[name] for name in counts},
+    table = UsageDay.__table__
+    statement = insert(table).values({name: bindparam(name) for name in ("key_id", "day", "tenant", *COUNTERS)})
+    return statement.on_conflict_do_update(
+        index_elements=[table.c.key_id, table.c.day],
+        set_={name: table.c[name] + statement.excluded[name] for name in names},
     )
-    db.execute(statement)
 
 
 def count_submission(db: Session, owner: dict[str, Any], *, jobs: int, images: int) -> None:

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import hashlib
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from common.images import NormalizedImage
 from common.models import StoredImage
 from web.metrics import observe_image
+
+# Built once: a Core select on the table (every image submission runs it; the ORM's per-call work cost more).
+_IMAGES = StoredImage.__table__.c
+EXISTING = select(_IMAGES.id).where(_IMAGES.tenant == bindparam("tenant"), _IMAGES.sha256 == bindparam("sha256"))
 
 
 def image_id(tenant: str, sha256: str) -> str:
@@ -25,8 +29,8 @@ def image_id(tenant: str, sha256: str) -> str:
 def store_image(db: Session, image: NormalizedImage, tenant: str) -> str:
     """Store a tenant's image once (by sha256) and return its id; a concurrent insert of the same image is fine."""
     observe_image(image)
-    mine = select(StoredImage.id).where(StoredImage.tenant == tenant, StoredImage.sha256 == image.sha256)
-    existing = db.execute(mine).scalar_one_or_none()
+    mine = {"tenant": tenant, "sha256": image.sha256}
+    existing = db.execute(EXISTING, mine).scalar_one_or_none()
     if existing is not None:
         return existing
     row = StoredImage(
@@ -44,7 +48,7 @@ def store_image(db: Session, image: NormalizedImage, tenant: str) -> str:
         with db.begin_nested():
             db.add(row)
     except IntegrityError:
-        existing = db.execute(mine).scalar_one_or_none()
+        existing = db.execute(EXISTING, mine).scalar_one_or_none()
         if existing is None:
             raise
         return existing

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import time
+from weakref import WeakKeyDictionary
 
 from common.bus import TokenBus
 from common.errors import ApiError
 from common.schemas import WorkerStatus
 
 POLL_S = 0.2
+# A ready worker seen this recently is trusted without reading every heartbeat again (a Redis SCAN and a parse
+# per submission, a sixth of its CPU). A dead worker's liveness mark lapses in seconds anyway (``liveness_ttl_s``),
+# so this adds at most a second to how long the gate takes to notice; its jobs wait queued for the next worker.
+READY_CACHE_S = 1.0
+_ready: WeakKeyDictionary[TokenBus, tuple[float, WorkerStatus]] = WeakKeyDictionary()  # per bus: until, worker
 
 
 def ready_workers(workers: list[WorkerStatus]) -> list[WorkerStatus]:
@@ -36,11 +42,15 @@ def not_loaded_reason(workers: list[WorkerStatus]) -> str:
 
 def require_model(bus: TokenBus, wait_s: float) -> WorkerStatus:
     """Return a ready worker, waiting up to ``wait_s`` for one; else raise 503 ``model_not_loaded``."""
+    cached = _ready.get(bus)
+    if cached is not None and cached[0] > time.monotonic():
+        return cached[1]
     deadline = time.monotonic() + wait_s
     while True:
         workers = bus.workers()
         ready = ready_workers(workers)
         if ready:
+            _ready[bus] = (time.monotonic() + READY_CACHE_S, ready[0])
             return ready[0]
         remaining = deadline - time.monotonic()
         if remaining <= 0:
