@@ -28,7 +28,11 @@ class _FailingEngine:
     info = ModelInfo("m", "m", "m", False, "cuda:0", "bfloat16", 1, 4096)
 
     def __init__(self, error: Exception, healthy_after: int | None = None) -> None:
+        from worker.prefix_cache import PrefixCache
+        from worker.vision_cache import VisionCache
+
         self.error, self.healthy_after, self.calls = error, healthy_after, 0
+        self.prefixes, self.vision = PrefixCache(1 << 20), VisionCache(1 << 20)
 
     def generate(self, requests: list, *args: object, **kwargs: object) -> list:
         self.calls += 1
@@ -140,3 +144,13 @@ def test_a_restarted_worker_hands_back_what_its_previous_process_held(tmp_path: 
     assert job.status == "queued" and job.worker_id is None and job.attempts == 1
     assert service.bus.redis.llen("chat") == 1
     service.stop()
+
+
+def test_a_device_fault_empties_the_caches(tmp_path: Path):
+    import torch
+
+    engine = _FailingEngine(RuntimeError("CUDA error: an illegal memory access"), healthy_after=1)
+    engine.prefixes.put("k", [1, 2], [], [(torch.zeros(1, 1, 2, 1), torch.zeros(1, 1, 2, 1))])
+    service = _service(tmp_path, engine)
+    service._heal(RuntimeError("CUDA error: an illegal memory access"))
+    assert len(engine.prefixes) == 0 and engine.prefixes.bytes == 0

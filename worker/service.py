@@ -262,7 +262,10 @@ class WorkerService:
         return {w for w, since in self._suspects.items() if now - since >= self.settings.liveness_ttl_s}
 
     def _free_gpu(self) -> None:
-        """Release cached GPU memory after a failure."""
+        """Release cached GPU memory after a failure (the caches' tensors may be what is broken)."""
+        if self.engine is not None:
+            self.engine.prefixes.clear()
+            self.engine.vision.clear()
         try:
             import torch
 

@@ -61,6 +61,12 @@ class VisionCache:
         deepstack = [tuple(features[n] for _, features in done) for n in range(len(done[0][1]) if done else 0)]
         return BaseModelOutputWithDeepstackFeatures(pooler_output=embeds, deepstack_features=deepstack)
 
+    def clear(self) -> None:
+        """Forget every entry (after a device fault the tensors may be unusable)."""
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
+
     def _get(self, key: tuple | None) -> Encoded | None:
         """Return a cached entry and mark it recently used."""
         if key is None or self.max_bytes <= 0:
