@@ -215,6 +215,7 @@ def run_demo(settings: Settings, batch_sizes: list[int], tokens: int, repeats: i
     if shape != "demo":
         path = ensure_shaped_checkpoint(settings.demo_dir, shape)
         settings = settings.model_copy(update={"model": str(path)})
+        torch.set_num_threads(1)  # the step the service benches see: their worker runs with OMP_NUM_THREADS=1
     engine = load_engine(settings)
     info = engine.info
     print(f"model: {info.label}\ndevice: {info.device}  dtype: {info.dtype}  torch threads: {torch.get_num_threads()}")

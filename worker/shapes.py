@@ -9,6 +9,8 @@ weights read at 3.35 TB/s is ~2.5 ms on an H100), so it costs ~36 layers x ~20 k
 and launch overhead; HF ``generate`` on Qwen-family 3-4B models reports ~30-45 tokens/s at batch 1. With the
 mid shape, the service's fixed costs (HTTP, database, Celery, Redis) weigh against the decode time as they
 would in production. Same tokenizer, processor and chat template as the demo; labelled as random weights.
+Measured with ``bench.engine --shape mid`` (one thread, like the worker): 21-36 ms per step at batch 1 depending
+on the host's other load (a bare forward 21 ms at best); the demo's is ~1-2 ms.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from pathlib import Path
 from worker.demo import DEMO_VERSION, ensure_checkpoint, ensure_demo_checkpoint
 
 # Bump when the mid recipe changes so cached checkpoints are rebuilt.
-MID_VERSION = 1
-MID_TEXT = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 36, "num_attention_heads": 8,
+MID_VERSION = 2
+MID_TEXT = {"hidden_size": 256, "intermediate_size": 1280, "num_hidden_layers": 36, "num_attention_heads": 8,
             "num_key_value_heads": 4, "head_dim": 32, "mrope_section": [6, 5, 5]}
 MID_VISION = {"depth": 2, "hidden_size": 64, "intermediate_size": 256, "num_heads": 4,
               "deepstack_visual_indexes": [1]}
