@@ -130,8 +130,8 @@ def measure(mode: str, engine: Engine, settings: Settings, db: sessionmaker[Sess
         long_ids = [store_job(session, "Tell me a long story.", settings.max_tokens_limit) for _ in range(rows)]
     metrics = _StepMetrics(set(long_ids))
     runner = JobRunner(mode_settings, lambda: engine, db, bus, f"bench-{mode}", metrics=metrics)
-    if workers and kind == "process":
-        runner.preparer(engine)  # start the processes (each imports torch) before the clock runs
+    while workers and runner.preparer(engine) is None:  # processes start (each imports torch) before the clock
+        time.sleep(0.1)
     thread = threading.Thread(target=runner.run, args=(long_ids[0],), daemon=True)
     thread.start()
     while sum(1 for _, running in metrics.ticks[-3:] if running == rows) < 3:  # all long rows decoding
@@ -179,8 +179,8 @@ def report(runs: dict[str, list[Run]]) -> None:
 @click.command()
 @click.option("--shape", type=click.Choice(["demo", "mid"]), default="demo", show_default=True,
               help="demo: the tiny test model; mid: 36 layers, a CPU step like the 4B model's on a GPU.")
-@click.option("--images", type=int, default=16, show_default=True, help="New image jobs per round and mode.")
-@click.option("--gap", "gap_s", type=float, default=0.1, show_default=True, help="Seconds between new jobs.")
+@click.option("--images", type=int, default=10, show_default=True, help="New image jobs per round and mode.")
+@click.option("--gap", "gap_s", type=float, default=0.25, show_default=True, help="Seconds between new jobs.")
 @click.option("--rows", type=int, default=4, show_default=True, help="Long answers decoding meanwhile.")
 @click.option("--rounds", type=int, default=2, show_default=True, help="Rounds; the modes alternate within each.")
 @click.option("--modes", default="inline,threads x1,threads x2,processes x1", show_default=True,

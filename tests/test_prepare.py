@@ -65,16 +65,20 @@ def _solo(engine: Engine, db: sessionmaker[Session], job_id: str) -> str:
     return engine.generate([request])[0].text
 
 
-def _runner(settings: Settings, engine: Engine, db: sessionmaker[Session]) -> JobRunner:
+def _runner(settings: Settings, engine: Engine, db: sessionmaker[Session], kind: str = "thread") -> JobRunner:
     bus = TokenBus(redis.Redis.from_url(REDIS_URL))
-    run_settings = settings.model_copy(update={"prepare_workers": 1, "prepare_kind": "thread",
-                                               "admit_interval_s": 0.01})
-    return JobRunner(run_settings, lambda: engine, db, bus, "pool-test")
+    run_settings = settings.model_copy(update={"prepare_workers": 1, "prepare_kind": kind, "admit_interval_s": 0.01})
+    runner = JobRunner(run_settings, lambda: engine, db, bus, "pool-test")
+    deadline = time.monotonic() + 120
+    while runner.preparer(engine) is None:  # a process pool starts in the background
+        assert time.monotonic() < deadline, "the pool never started"
+        time.sleep(0.05)
+    return runner
 
 
 def _while_running(runner: JobRunner, db: sessionmaker[Session]) -> tuple[str, list[threading.Thread]]:
     """Start a long job on a thread; once it decodes, return it and the thread (the caller queues more)."""
-    long_job = _job(db, 120)
+    long_job = _job(db, 60)
     thread = threading.Thread(target=runner.run, args=(long_job,), daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -84,9 +88,10 @@ def _while_running(runner: JobRunner, db: sessionmaker[Session]) -> tuple[str, l
     return long_job, [thread]
 
 
+@pytest.mark.parametrize("kind", ["thread", pytest.param("process", marks=pytest.mark.soak)])
 def test_jobs_joining_a_running_batch_are_prepared_in_the_pool_and_answer_as_inline(settings, engine, db,
-                                                                                     monkeypatch):
-    runner = _runner(settings, engine, db)
+                                                                                     monkeypatch, kind):
+    runner = _runner(settings, engine, db, kind)
     prepared_on: dict[str, str] = {}
     real = engine.prepare_ahead
 
@@ -103,11 +108,14 @@ def test_jobs_joining_a_running_batch_are_prepared_in_the_pool_and_answer_as_inl
     runner.close()
     with db() as session:
         stored = {job_id: jobs.load(session, job_id) for job_id in [long_job, *joined, missing]}
-    assert stored[long_job].status == "succeeded" and stored[long_job].completion_tokens == 120
+    assert stored[long_job].status == "succeeded" and stored[long_job].completion_tokens == 60
     assert stored[missing].status == "failed" and stored[missing].error_code == "invalid_request"
     assert "img_gone" in stored[missing].error_message
     for job_id in joined:
-        assert prepared_on[job_id].startswith("vlgate-prepare"), "prepared in the decode thread"
+        if kind == "thread":  # a pool process's calls are not seen here; it is not the decode thread either
+            assert prepared_on[job_id].startswith("vlgate-prepare"), "prepared in the decode thread"
+        else:
+            assert job_id not in prepared_on, "prepared in the decode thread"
         assert stored[job_id].status == "succeeded"
     monkeypatch.undo()
     assert [stored[j].response for j in joined] == [_solo(engine, db, j) for j in joined]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import multiprocessing
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +40,22 @@ class Preparer:
     def __init__(self, settings: Settings, db: sessionmaker[Session], engine: Engine) -> None:
         self.settings, self.db, self.engine = settings, db, engine
         self.kind = settings.prepare_kind
+        self._warming: list[Future[None]] = []
+        self._failed = False
         self._pool = self._start()
         self._generation = 0
+
+    def ready(self) -> bool:
+        """Tell whether the pool can take jobs (a process pool is still starting: until then jobs are prepared
+        inline, so a worker serves from the first second)."""
+        if not all(f.done() for f in self._warming):
+            return False
+        failed = next((f.exception() for f in self._warming if f.exception() is not None), None)
+        if failed is not None and not self._failed:
+            self._failed = True
+            log.error("the prepare pool's processes did not start (%s: %s); preparing inline", type(failed).__name__,
+                      failed)
+        return not self._failed
 
     def submit(self, job_id: str, spec: JobSpec, created_at: float | None, rows: int) -> Ticket:
         """Queue one job's preparation; its future yields the requests, or raises LookupError if it cannot run."""
@@ -70,9 +84,9 @@ class Preparer:
             return ThreadPoolExecutor(workers, thread_name_prefix="vlgate-prepare")
         # spawn, not fork: forking a process whose torch threads are running can deadlock the child.
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_child,
-                                   initargs=(self.settings, self.engine.processor, self.engine.info.max_context))
-        # Start the processes now (each imports torch and loads the processor), not on the first job.
-        wait([pool.submit(_warm) for _ in range(workers)])
+                                   initargs=(_url(self.db), self.engine.prompts))
+        # Start the processes now (each imports torch and runs the processor once), not on the first job.
+        self._warming = [pool.submit(_warm) for _ in range(workers)]
         return pool
 
 
@@ -120,7 +134,12 @@ def _open(data: bytes) -> Image.Image:
 _child: tuple[sessionmaker[Session], PromptBuilder] | None = None  # a pool process's database and prompt builder
 
 
-def _start_child(settings: Settings, processor: Any, max_context: int) -> None:
+def _url(db: sessionmaker[Session]) -> str:
+    """Return the URL of the database these sessions use (a pool process opens its own connection to it)."""
+    return db.kw["bind"].url.render_as_string(hide_password=False)
+
+
+def _start_child(url: str, prompts: PromptBuilder) -> None:
     """Set up a pool process: one torch thread (the decode loop owns the cores), its own database connection."""
     import torch
 
@@ -128,7 +147,7 @@ def _start_child(settings: Settings, processor: Any, max_context: int) -> None:
 
     global _child
     torch.set_num_threads(1)
-    _child = (make_session_factory(make_engine(settings.sqlalchemy_url)), PromptBuilder(processor, max_context))
+    _child = (make_session_factory(make_engine(url)), prompts)
 
 
 def _prepare_in_child(job_id: str, spec: JobSpec, created_at: float | None,

@@ -115,14 +115,17 @@ class JobRunner:
                 held = running + len(fresh) + sum(t.rows for t in preparing)  # the cap counts rows in preparation
                 with self.db() as db:
                     claimed = self._claim_more(db, held, self.settings.admit_batch_rows)
-                    if claimed and self.preparer(engine) is None:
+                    # Started by the first job claimed while rows run; a process pool starts in the background
+                    # (seconds, once per worker) and jobs are prepared inline until it is up.
+                    pool = self.preparer(engine) if claimed else None
+                    if claimed and pool is None:
                         fresh += self._requests(db, claimed, engine)  # inline: the old behaviour
                 if claimed:
-                    if self._preparer is not None:
-                        preparing.extend(self._submit(claimed, engine))
+                    if pool is not None:
+                        preparing.extend(self._submit(claimed, pool, engine))
                     lease.add([job.id for job in claimed])
                     self.on_busy(lease.ids())
-            if not running and not fresh and preparing:  # nothing runs: waiting stalls no row
+            while not running and not fresh and preparing:  # nothing runs: waiting stalls no row
                 wait([t.future for t in preparing], return_when=FIRST_COMPLETED)
                 fresh = self._ready(preparing, lease, engine)
             if fresh:
@@ -150,23 +153,23 @@ class JobRunner:
         return final.status if final is not None else None
 
     def preparer(self, engine: Engine) -> Preparer | None:
-        """Return the prepare pool for this engine (None: prepare inline), starting it on first use."""
+        """Return the prepare pool for this engine, starting it on first use; None: prepare inline (no pool, or
+        its processes are still starting)."""
         if self.settings.prepare_workers <= 0 or not hasattr(engine, "prepare_ahead"):
             return None
         if self._preparer is not None and self._preparer.engine is not engine:
             self.close()  # the engine was replaced: a process pool holds the old one's processor
         if self._preparer is None:
             self._preparer = Preparer(self.settings, self.db, engine)
-        return self._preparer
+        return self._preparer if self._preparer.ready() else None
 
-    def _submit(self, claimed: list[Job], engine: Engine) -> list[Ticket]:
+    def _submit(self, claimed: list[Job], pool: Preparer, engine: Engine) -> list[Ticket]:
         """Hand claimed jobs to the pool; a job whose spec cannot be read fails at once."""
-        assert self._preparer is not None
         tickets = []
         for job in claimed:
             spec = self._adopt(job, engine)
             if spec is not None:
-                tickets.append(self._preparer.submit(job.id, spec, to_epoch(job.created_at), _rows(job)))
+                tickets.append(pool.submit(job.id, spec, to_epoch(job.created_at), _rows(job)))
         return tickets
 
     def _ready(self, preparing: list[Ticket], lease: LeaseKeeper, engine: Engine) -> list[GenerationRequest]:
