@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import redis
 
 from common.bus import PREFIX
+
+log = logging.getLogger(__name__)
 
 AFFINITY_GRACE_S = 1.0  # how long other workers leave a job hinted to a live worker alone
 AFFINITY_TTL_S = 3600.0  # a session idle for longer has most likely lost its cache to newer ones
@@ -45,8 +48,11 @@ def direct_queue(worker_id: str) -> str:
 
 
 def remember(client: redis.Redis, key: str, worker_id: str) -> None:
-    """Record that this worker holds the session's prefix."""
-    client.set(f"{PREFIX}:affinity:{key}", worker_id, ex=int(AFFINITY_TTL_S))
+    """Record that this worker holds the conversation's prefix (a Redis hiccup only costs the routing)."""
+    try:
+        client.set(f"{PREFIX}:affinity:{key}", worker_id, ex=int(AFFINITY_TTL_S))
+    except redis.RedisError as exc:
+        log.warning("could not record where conversation %s is cached: %s", key[:12], exc)
 
 
 def route(client: redis.Redis, key: str) -> str | None:

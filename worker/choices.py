@@ -11,6 +11,8 @@ from common import jobs
 from common.affinity import conversation_key
 from common.events import ChoiceOutcome
 from common.jobspec import JobSpec
+from common.models import Job
+from common.queue import CHAT_QUEUE
 from worker.engine import GenerationRequest, GenerationResult, Turn
 from worker.sampling import SamplingParams
 
@@ -26,6 +28,11 @@ def split_row_id(request_id: str) -> tuple[str, int]:
     """Return (job id, choice index) of an engine request id."""
     job_id, _, index = request_id.rpartition(SEPARATOR)
     return job_id, int(index)
+
+
+def cache_tenant(job: Job) -> str | None:
+    """Return the tenant whose conversation cache a job may use and leave: chats only (batch items never go on)."""
+    return job.tenant if job.queue == CHAT_QUEUE else None
 
 
 def requests_for(job_id: str, spec: JobSpec, images: dict[str, Image.Image], enqueued_at: float | None,

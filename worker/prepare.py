@@ -57,9 +57,11 @@ class Preparer:
                       failed)
         return not self._failed
 
-    def submit(self, job_id: str, spec: JobSpec, created_at: float | None, rows: int) -> Ticket:
-        """Queue one job's preparation; its future yields the requests, or raises LookupError if it cannot run."""
-        args = (job_id, spec, created_at, self.settings.max_job_s)
+    def submit(self, job_id: str, spec: JobSpec, created_at: float | None, rows: int,
+               tenant: str | None = None) -> Ticket:
+        """Queue one job's preparation; its future yields the requests, or raises LookupError if it cannot run.
+        ``tenant``: a chat's, whose conversation cache it may use (worker/choices.py ``requests_for``)."""
+        args = (job_id, spec, created_at, self.settings.max_job_s, tenant)
         if self.kind == "process":
             future = self._pool.submit(_prepare_in_child, *args)
         else:
@@ -91,11 +93,11 @@ class Preparer:
 
 
 def prepare_job(db: sessionmaker[Session], builder: Any, job_id: str, spec: JobSpec, created_at: float | None,
-                max_job_s: float | None) -> list[GenerationRequest]:
+                max_job_s: float | None, tenant: str | None = None) -> list[GenerationRequest]:
     """Load a job's images, build one request per choice, and prepare its prompt once for all of them."""
     with db() as session:
         images = load_images(session, spec.image_ids())
-    requests = requests_for(job_id, spec, images, created_at, max_job_s)
+    requests = requests_for(job_id, spec, images, created_at, max_job_s, tenant)
     prepared = builder.prepare_ahead(requests[0])  # every choice sees the same turns
     for request in requests:
         request.prepared = prepared
@@ -151,11 +153,11 @@ def _start_child(url: str, prompts: PromptBuilder) -> None:
 
 
 def _prepare_in_child(job_id: str, spec: JobSpec, created_at: float | None,
-                      max_job_s: float | None) -> list[GenerationRequest]:
+                      max_job_s: float | None, tenant: str | None = None) -> list[GenerationRequest]:
     """Prepare a job in a pool process."""
     assert _child is not None, "the pool process was not initialised"
     db, builder = _child
-    return prepare_job(db, builder, job_id, spec, created_at, max_job_s)
+    return prepare_job(db, builder, job_id, spec, created_at, max_job_s, tenant)
 
 
 def _warm() -> None:

@@ -12,13 +12,14 @@ import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from common import jobs
+from common.affinity import remember
 from common.bus import TokenBus
 from common.config import Settings
 from common.ids import to_epoch
 from common.jobspec import JobSpec
 from common.models import Job
 from common.queue import QUEUES
-from worker.choices import ChoiceSet, requests_for, split_row_id
+from worker.choices import ChoiceSet, cache_tenant, requests_for, split_row_id
 from worker.engine import Engine, GenerationRequest, GenerationResult
 from worker.faults import classify
 from worker.lease import LeaseKeeper
@@ -169,7 +170,7 @@ class JobRunner:
         for job in claimed:
             spec = self._adopt(job, engine)
             if spec is not None:
-                tickets.append(pool.submit(job.id, spec, to_epoch(job.created_at), _rows(job)))
+                tickets.append(pool.submit(job.id, spec, to_epoch(job.created_at), _rows(job), cache_tenant(job)))
         return tickets
 
     def _ready(self, preparing: list[Ticket], lease: LeaseKeeper, engine: Engine) -> list[GenerationRequest]:
@@ -252,7 +253,7 @@ class JobRunner:
                 continue
             try:
                 rows = requests_for(job.id, spec, load_images(db, spec.image_ids()), to_epoch(job.created_at),
-                                    self.settings.max_job_s)
+                                    self.settings.max_job_s, cache_tenant(job))
             except LookupError as exc:
                 self._store(job.id, jobs.Outcome("failed", error_code="invalid_request", error_message=str(exc)))
                 continue
@@ -296,6 +297,8 @@ class JobRunner:
         if choices is None:  # no longer this runner's (handed back, or failed meanwhile)
             return
         self.metrics.row_finished(result)
+        if result.kept_prefix:  # the conversation's next turn should come here (common/affinity.py)
+            remember(self.bus.redis, result.kept_prefix, self.worker_id)
         if not choices.add(index, result):
             return
         del self._choices[job_id]
