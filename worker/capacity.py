@@ -50,6 +50,7 @@ def running_rows(settings: Settings, model: Any, device: str) -> BatchSize:
     import torch
 
     free, total = torch.cuda.mem_get_info(torch.device(device))
+    free -= int((settings.vision_cache_mb + settings.prefix_cache_mb) * 2**20)  # the caches' budgets come first
     config = getattr(model.config, "text_config", model.config)
     per_token = kv_bytes_per_token(config, next(model.parameters()).element_size())
     return rows_for_memory(free, total, settings.gpu_memory_margin, per_token, settings.row_tokens,
