@@ -50,6 +50,7 @@ bench: dev
 	$(PY) -m bench.engine --shape mid
 	$(PY) -m bench.service --shape both
 	$(PY) -m bench.stream
+	$(PY) -m bench.streams
 	$(PY) -m bench.batching --shape both
 	$(PY) -m bench.constrained
 	$(PY) -m bench.batch_api

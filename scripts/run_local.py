@@ -146,7 +146,7 @@ def _web(bind_host: str, port: int) -> Program:
     from scripts.supervise import Program
 
     return Program("web", [
-        sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", "32", "-w", "1",
+        sys.executable, "-m", "gunicorn", "-w", "1",  # worker class and threads: gunicorn.conf.py
         "-b", _host_port(bind_host, port), "--timeout", "0", "--graceful-timeout", "5",
         "--no-control-socket",  # its default path is per user: two instances would share it
         "web:create_app()"])

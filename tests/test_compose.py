@@ -302,7 +302,7 @@ def test_shell_scripts_parse(script: Path) -> None:
 
 def test_entrypoints_run_the_agreed_servers() -> None:
     web = (ROOT / "docker/web.sh").read_text()
-    assert re.search(r"^exec gunicorn -k gthread .*", web, re.M) and '"web:create_app()"' in web
+    assert re.search(r"^exec gunicorn -w .*", web, re.M) and '"web:create_app()"' in web  # gunicorn.conf.py: the rest
     worker = (ROOT / "docker/worker.sh").read_text()
     assert re.search(r"^exec python scripts/supervise\.py\b", worker, re.M)
     assert (ROOT / "scripts/supervise.py").is_file() and "scripts" not in (ROOT / ".dockerignore").read_text().split()

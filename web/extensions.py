@@ -18,6 +18,8 @@ from common.queue import make_celery
 EXTENSION_KEY = "vlgate"
 # A dead Redis must answer 503 in seconds, not hang a request thread.
 REDIS_TIMEOUT_S = 5.0
+# Every open stream holds one pub/sub connection; redis-py's default pool (100) would refuse the 101st stream.
+REDIS_MAX_CONNECTIONS = 10_000
 
 
 @dataclass
@@ -63,6 +65,7 @@ def init_app(app: Flask, settings: Settings) -> None:
         socket_timeout=REDIS_TIMEOUT_S,
         socket_connect_timeout=REDIS_TIMEOUT_S,
         health_check_interval=30,
+        max_connections=REDIS_MAX_CONNECTIONS,
     )
     app.extensions[EXTENSION_KEY] = Services(
         settings=settings,

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import select
+import threading
+import weakref
 from typing import Any
 
 from flask import Blueprint, Flask, request
@@ -26,8 +30,54 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("ws", __name__)
 sock = Sock()
-# How long one loop turn waits for Redis before it looks at the client's messages again.
+# How long one loop turn waits for Redis before it looks at the client's messages again (without a doorbell).
 POLL_S = 0.02
+# The longest a relay loop sleeps when neither Redis nor the client says anything (quiet followers check the
+# database every couple of seconds: web/services/stream.py).
+WAIT_S = 1.0
+
+
+class Doorbell:
+    """simple_websocket's "a message arrived" event that also rings an eventfd, so that one relay loop can sleep
+    on the client and on Redis at once: no polling, whether it runs in a thread or a greenlet."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Closed when the socket's reader (which rings it) is gone with the socket: never while it can ring.
+        weakref.finalize(self, os.close, self._fd)
+
+    def set(self) -> None:
+        """Mark a message (or the close) and wake the relay loop."""
+        self._event.set()
+        try:
+            os.eventfd_write(self._fd, 1)
+        except BlockingIOError:  # the counter is full: the loop is woken anyway
+            pass
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._event.wait(timeout)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def silence(self) -> None:
+        """Reset the eventfd (call before reading the messages it announced)."""
+        try:
+            os.eventfd_read(self._fd)
+        except BlockingIOError:
+            pass
+
+
+def redis_socket(pubsub: Any) -> Any:
+    """Return the socket of a subscription's connection, or None when it has none (not connected yet)."""
+    return getattr(getattr(pubsub, "connection", None), "_sock", None)
 
 
 def error_event(code: str, message: str, job_id: str | None = None) -> dict[str, Any]:
@@ -104,16 +154,33 @@ class Connection:
         except Exception as exc:  # noqa: BLE001 - reported to the client
             self.send(error_event(*error_parts(exc), job_id=job_id))
 
+    def sleep(self, bell: Doorbell) -> None:
+        """Wait until Redis has something for this socket, the client sends something, or WAIT_S passes."""
+        poller = select.poll()  # not select(): it cannot watch a descriptor above 1023
+        poller.register(bell, select.POLLIN)
+        sock = redis_socket(self.hub.pubsub)
+        if sock is not None and self.hub.followers:
+            if self.hub.pubsub.connection.can_read(timeout=0):  # already read into redis-py's buffer
+                return
+            poller.register(sock, select.POLLIN)
+        poller.poll(WAIT_S * 1000)
+
     def serve(self, until_idle: bool) -> None:
         """Relay events and read client messages until the client leaves (or, if asked, nothing is followed)."""
         FOLLOWERS.labels("websocket").inc()
+        bell = getattr(self.ws, "event", None)
+        bell = bell if isinstance(bell, Doorbell) else None
         try:
             while not (until_idle and not self.hub.followers):
-                self.hub.pump(POLL_S)
+                if bell is not None:
+                    bell.silence()
+                self.hub.pump(0 if bell is not None else POLL_S)
                 raw = self.ws.receive(timeout=0)
                 while raw is not None:
                     self.handle(raw)
                     raw = self.ws.receive(timeout=0)
+                if bell is not None:
+                    self.sleep(bell)
         finally:
             FOLLOWERS.labels("websocket").dec()
             self.hub.close()
@@ -148,10 +215,10 @@ def job_socket(ws: Any, job_id: str) -> None:
 
 
 def init_app(app: Flask) -> None:
-    """Register the WebSocket routes (gunicorn needs the gthread worker class for them)."""
+    """Register the WebSocket routes (each open socket holds one gunicorn thread or greenlet: gunicorn.conf.py)."""
     # A message larger than any valid request body is refused (the socket closes with 1009) before it is held.
     app.config.setdefault("SOCK_SERVER_OPTIONS", {"ping_interval": 25, "max_message_size": app.config[
-        "MAX_CONTENT_LENGTH"]})
+        "MAX_CONTENT_LENGTH"], "event_class": Doorbell})
     sock.init_app(app)
     app.register_blueprint(bp)
 

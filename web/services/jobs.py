@@ -139,6 +139,7 @@ def wait_for(db: Session, bus: TokenBus, job_id: str, wait_s: float) -> Job:
         pubsub = None
     try:
         job = get_job(db, job_id)
+        db.commit()  # hold no database connection while waiting
         while not is_final(job):
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -70,6 +70,7 @@ class Follower:
         if self.finished or event.get("seq", 0) <= self.last_seq:
             return
         self.last_seq = event["seq"]
+        self.next_db_check = time.monotonic() + DB_CHECK_S  # a follower that hears events needs no database check
         send({**event, "job_id": self.job_id})
         self.finished = event["type"] in FINAL_EVENTS
 
