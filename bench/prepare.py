@@ -185,10 +185,11 @@ def report(runs: dict[str, list[Run]]) -> None:
 @click.option("--rounds", type=int, default=2, show_default=True, help="Rounds; the modes alternate within each.")
 @click.option("--modes", default="inline,threads x1,threads x2,processes x1", show_default=True,
               help=f"Comma-separated, from: {', '.join(MODES)} (inline is always measured).")
+@click.option("--device", default="cpu", show_default=True, help="'cpu' or 'cuda:N' (the decode loop's device).")
 @click.option("--redis-url", default=None, help="Redis for the token stream; default VLGATE_REDIS_URL.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Data dir with the demo checkpoint.")
-def main(shape: str, images: int, gap_s: float, rows: int, rounds: int, modes: str, redis_url: str | None,
-         data_dir: Path | None) -> None:
+def main(shape: str, images: int, gap_s: float, rows: int, rounds: int, modes: str, device: str,
+         redis_url: str | None, data_dir: Path | None) -> None:
     """Print the running rows' step times with preparation inline vs in a pool, as ratios."""
     import torch
 
@@ -198,7 +199,7 @@ def main(shape: str, images: int, gap_s: float, rows: int, rounds: int, modes: s
     unknown = set(chosen) - set(MODES)
     if unknown:
         raise click.BadParameter(f"unknown mode(s) {sorted(unknown)}", param_hint="--modes")
-    base = Settings(device="cpu", hf_offline=True, **({"data_dir": data_dir} if data_dir else {}),
+    base = Settings(device=device, hf_offline=True, **({"data_dir": data_dir} if data_dir else {}),
                     **({"redis_url": redis_url} if redis_url else {}))
     model = "demo"
     if shape != "demo":

@@ -65,8 +65,8 @@ class Settings(BaseSettings):
                                                                   "cache when sizing the batch.")
     prepare_workers: int = Field(1, ge=0, description="Pool that prepares admitted jobs (images, chat template, "
                                                      "processor) off the decode loop; 0: inline.")
-    prepare_kind: str = Field("process", pattern="^(thread|process)$", description="Processes (no GIL shared "
-                              "with the decode loop; measured by bench.prepare) or threads for the prepare pool.")
+    prepare_kind: str = Field("thread", pattern="^(thread|process)$", description="Threads (no start cost) or "
+                              "processes (no GIL shared with the decode loop) for the prepare pool; bench.prepare.")
     chat_reserve: int = Field(4, ge=0, description="Extra rows kept for chat jobs when a batch fills max_batch.")
     vision_cache_mb: float = Field(512, ge=0, description="Vision-tower outputs kept per stored image (LRU, on the "
                                    "model's device): an image seen again skips the vision tower. 0 turns it off.")
