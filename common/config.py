@@ -63,8 +63,9 @@ class Settings(BaseSettings):
                                                      "images plus answer) when sizing the batch on a GPU.")
     gpu_memory_margin: float = Field(0.1, ge=0, lt=1, description="Fraction of GPU memory kept free of KV "
                                                                   "cache when sizing the batch.")
-    prepare_workers: int = Field(1, ge=0, description="Pool that prepares admitted jobs (images, chat template, "
-                                                     "processor) off the decode loop; 0: inline.")
+    prepare_workers: int | None = Field(None, ge=0, description="Pool that prepares admitted jobs (images, chat "
+                                        "template, processor) off the decode loop; 0: inline. Default: 1 on a GPU, 0 "
+                                        "on the CPU (the decode loop's threads use every core: bench.prepare).")
     prepare_kind: str = Field("thread", pattern="^(thread|process)$", description="Threads (no start cost) or "
                               "processes (no GIL shared with the decode loop) for the prepare pool; bench.prepare.")
     chat_reserve: int = Field(4, ge=0, description="Extra rows kept for chat jobs when a batch fills max_batch.")

@@ -24,7 +24,7 @@ from devtools.databases import make_image, migrate
 from tests.conftest import store_queued_job
 from worker.choices import requests_for
 from worker.engine import Engine, GenerationRequest
-from worker.prepare import load_images, read_spec
+from worker.prepare import load_images, pool_size, read_spec
 from worker.runner import JobRunner
 
 REDIS_URL = f"redis://127.0.0.1:6379/{os.environ.get('TEST_REDIS_DB', '14')}"
@@ -146,3 +146,9 @@ def test_a_job_cancelled_while_it_is_prepared_never_runs(settings, engine, db, m
     assert long.status == "succeeded"
     assert job.status == "cancelled" and job.response == "" and not job.completion_tokens and not job.prompt_tokens
     assert job.finish_reason == "cancelled"
+
+
+def test_the_pool_is_on_by_default_only_where_the_decode_loop_leaves_cores_free():
+    assert pool_size(Settings(), "cpu") == 0  # torch's threads use every core: a pool only spreads the stall
+    assert pool_size(Settings(), "cuda:0") == 1
+    assert pool_size(Settings(prepare_workers=2), "cpu") == 2 and pool_size(Settings(prepare_workers=0), "cuda:0") == 0

@@ -34,11 +34,19 @@ class Ticket:
     pool: int = 0  # which pool took it (a broken pool is replaced once, not once per job it held)
 
 
+def pool_size(settings: Settings, device: str) -> int:
+    """Return how many pool workers prepare jobs (0: inline). On the CPU the decode loop's torch threads already
+    use every core, so a pool only spreads the same work over more steps (measured by bench.prepare)."""
+    if settings.prepare_workers is not None:
+        return settings.prepare_workers
+    return 1 if device.startswith("cuda") else 0
+
+
 class Preparer:
     """A small pool (threads or processes) that turns claimed jobs into engine requests with their prompts built."""
 
-    def __init__(self, settings: Settings, db: sessionmaker[Session], engine: Engine) -> None:
-        self.settings, self.db, self.engine = settings, db, engine
+    def __init__(self, settings: Settings, db: sessionmaker[Session], engine: Engine, workers: int = 1) -> None:
+        self.settings, self.db, self.engine, self.workers = settings, db, engine, workers
         self.kind = settings.prepare_kind
         self._warming: list[Future[None]] = []
         self._failed = False
@@ -81,7 +89,7 @@ class Preparer:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _start(self) -> Executor:
-        workers = max(1, self.settings.prepare_workers)
+        workers = max(1, self.workers)
         if self.kind == "thread":
             return ThreadPoolExecutor(workers, thread_name_prefix="vlgate-prepare")
         # spawn, not fork: forking a process whose torch threads are running can deadlock the child.

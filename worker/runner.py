@@ -24,7 +24,7 @@ from worker.engine import Engine, GenerationRequest, GenerationResult
 from worker.faults import classify
 from worker.lease import LeaseKeeper
 from worker.metrics import DecodeSteps, WorkerMetrics
-from worker.prepare import Preparer, Ticket, load_images, read_spec
+from worker.prepare import Preparer, Ticket, load_images, pool_size, read_spec
 from worker.publisher import EventBuffer, JobPublisher
 
 log = logging.getLogger(__name__)
@@ -156,12 +156,13 @@ class JobRunner:
     def preparer(self, engine: Engine) -> Preparer | None:
         """Return the prepare pool for this engine, starting it on first use; None: prepare inline (no pool, or
         its processes are still starting)."""
-        if self.settings.prepare_workers <= 0 or not hasattr(engine, "prepare_ahead"):
+        workers = pool_size(self.settings, engine.info.device)
+        if workers <= 0 or not hasattr(engine, "prepare_ahead"):
             return None
         if self._preparer is not None and self._preparer.engine is not engine:
             self.close()  # the engine was replaced: a process pool holds the old one's processor
         if self._preparer is None:
-            self._preparer = Preparer(self.settings, self.db, engine)
+            self._preparer = Preparer(self.settings, self.db, engine, workers)
         return self._preparer if self._preparer.ready() else None
 
     def _submit(self, claimed: list[Job], pool: Preparer, engine: Engine) -> list[Ticket]:
