@@ -24,6 +24,7 @@ from pathlib import Path
 import click
 import numpy as np
 import redis
+import torch
 from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -38,8 +39,11 @@ from worker.engine import Engine
 from worker.metrics import DecodeSteps, WorkerMetrics
 from worker.runner import JobRunner
 
-MODES = {"inline": (0, "thread"), "threads x1": (1, "thread"), "threads x2": (2, "thread"),
-         "processes x1": (1, "process"), "processes x2": (2, "process")}
+# mode -> (pool workers, pool kind, torch threads of the decode loop: None keeps torch's default, every core)
+MODES = {"inline": (0, "thread", None), "threads x1": (1, "thread", None), "threads x2": (2, "thread", None),
+         "processes x1": (1, "process", None), "processes x2": (2, "process", None),
+         "inline torch1": (0, "thread", 1), "threads x1 torch1": (1, "thread", 1),
+         "processes x1 torch1": (1, "process", 1)}
 
 
 @dataclass
@@ -123,8 +127,10 @@ def finished(db: sessionmaker[Session], job_ids: list[str]) -> dict[str, float]:
 def measure(mode: str, engine: Engine, settings: Settings, db: sessionmaker[Session], bus: TokenBus,
             pngs: list[bytes], gap_s: float, rows: int) -> Run:
     """Decode ``rows`` long answers while one new image job arrives every ``gap_s``; return the step times."""
-    workers, kind = MODES[mode]
+    workers, kind, threads = MODES[mode]
     mode_settings = settings.model_copy(update={"prepare_workers": workers, "prepare_kind": kind})
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads)  # a core left to the pool, or not
     with db() as session:
         image_ids = [store_image(session, png) for png in pngs]
         long_ids = [store_job(session, "Tell me a long story.", settings.max_tokens_limit) for _ in range(rows)]
@@ -149,6 +155,7 @@ def measure(mode: str, engine: Engine, settings: Settings, db: sessionmaker[Sess
         bus.request_cancel(job_id)
     thread.join(timeout=120)
     runner.close()
+    torch.set_num_threads(default_threads)
     times = [t for t, running in metrics.ticks if running == rows and start <= t <= end]
     steps = [1e3 * (b - a) for a, b in zip(times, times[1:], strict=False)]
     return Run(mode, steps, [done[j] - queued[j] for j in queued])
@@ -163,7 +170,7 @@ def pct(values: list[float], q: float) -> float:
 def report(runs: dict[str, list[Run]]) -> None:
     """Print each mode's step-time percentiles pooled over rounds, and their ratios to inline preparation."""
     base = [s for r in runs["inline"] for s in r.steps_ms]
-    print(f"{'mode':<14} {'steps':>6} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'mean ms':>8} "
+    print(f"{'mode':<20} {'steps':>6} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'mean ms':>8} "
           f"{'p50 x':>7} {'p95 x':>7} {'max x':>7} {'mean x':>7} {'newcomer p50 s':>15}")
     for mode, mode_runs in runs.items():
         steps = [s for r in mode_runs for s in r.steps_ms]
@@ -171,7 +178,7 @@ def report(runs: dict[str, list[Run]]) -> None:
         cells = [pct(steps, 50), pct(steps, 95), max(steps), statistics.fmean(steps)]
         bases = [pct(base, 50), pct(base, 95), max(base), statistics.fmean(base)]
         ratios = " ".join(f"{c / b:7.2f}" for c, b in zip(cells, bases, strict=True))
-        print(f"{mode:<14} {len(steps):>6} " + " ".join(f"{c:8.1f}" for c in cells) +
+        print(f"{mode:<20} {len(steps):>6} " + " ".join(f"{c:8.1f}" for c in cells) +
               f" {ratios} {pct(newcomers, 50):15.2f}")
     print("x: the mode's figure over inline preparation's (below 1: the running rows stall less)")
 
@@ -183,7 +190,8 @@ def report(runs: dict[str, list[Run]]) -> None:
 @click.option("--gap", "gap_s", type=float, default=0.25, show_default=True, help="Seconds between new jobs.")
 @click.option("--rows", type=int, default=4, show_default=True, help="Long answers decoding meanwhile.")
 @click.option("--rounds", type=int, default=2, show_default=True, help="Rounds; the modes alternate within each.")
-@click.option("--modes", default="inline,threads x1,threads x2,processes x1", show_default=True,
+@click.option("--modes", default="inline,threads x1,processes x1,inline torch1,threads x1 torch1",
+              show_default=True,
               help=f"Comma-separated, from: {', '.join(MODES)} (inline is always measured).")
 @click.option("--device", default="cpu", show_default=True, help="'cpu' or 'cuda:N' (the decode loop's device).")
 @click.option("--redis-url", default=None, help="Redis for the token stream; default VLGATE_REDIS_URL.")
@@ -191,8 +199,6 @@ def report(runs: dict[str, list[Run]]) -> None:
 def main(shape: str, images: int, gap_s: float, rows: int, rounds: int, modes: str, device: str,
          redis_url: str | None, data_dir: Path | None) -> None:
     """Print the running rows' step times with preparation inline vs in a pool, as ratios."""
-    import torch
-
     from worker.loader import load_engine
 
     chosen = ["inline"] + [m.strip() for m in modes.split(",") if m.strip() and m.strip() != "inline"]
