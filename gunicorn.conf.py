@@ -8,13 +8,14 @@ from typing import Any
 
 # How one web process serves (docs/streams.md; measured side by side by ``python -m bench.streams``). Every open
 # stream or waiting request holds a thread for its whole life: a WebSocket (plus simple-websocket's reader
-# thread), a /v1 SSE stream, a POST /api/chat that waits. 1,000 threads hold 1,000 of them (32 held 32; the 33rd
-# waited in the accept queue); threads start only when needed, and memory stays bounded by this count. gevent
+# thread), a /v1 SSE stream, a POST /api/chat that waits. 1,100 threads hold 1,000 of them with room left for
+# ordinary requests (32 held 32; the 33rd waited in the accept queue); threads start only when needed, and memory
+# stays bounded by this count. gevent
 # relays more tokens per CPU second at 1,000 streams, but any CPU work in a request (image normalisation, batch
 # validation) freezes every stream meanwhile; it needs that work moved to native threads first (docs/streams.md).
 # Launches pass only the bind, the process count and timeouts; GUNICORN_CMD_ARGS overrides these.
 worker_class = "gthread"
-threads = 1000
+threads = 1100
 worker_connections = 2000  # client connections per process: the streams plus idle keep-alive ones
 
 

@@ -49,7 +49,7 @@ BASE = ["-w", "1", "--timeout", "0", "--graceful-timeout", "5"]
 # The worker classes compared; each runs one gunicorn worker process. The CLI flags override gunicorn.conf.py.
 VARIANTS: dict[str, list[str]] = {
     "gthread-32": ["-k", "gthread", "--threads", "32"],
-    "gthread-1000": ["-k", "gthread", "--threads", "1000", "--worker-connections", "2000"],
+    "gthread-1100": ["-k", "gthread", "--threads", "1100", "--worker-connections", "2000"],  # the default
     "gevent": ["-k", "gevent", "--worker-connections", "2000"],
 }
 

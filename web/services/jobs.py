@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 # Re-read the row this often while waiting: a job finished without an event (cancelled while
 # queued, failed by the reaper) must not keep a client waiting until its deadline.
 DB_RECHECK_S = 2.0
+DB_RECHECK_MAX_S = 10.0
 
 
 def links(job_id: str) -> Links:
@@ -131,6 +132,7 @@ def _final_event(message: dict[str, Any] | None) -> bool:
 def wait_for(db: Session, bus: TokenBus, job_id: str, wait_s: float) -> Job:
     """Return the job once it is final or ``wait_s`` has passed, whichever comes first."""
     deadline = time.monotonic() + wait_s
+    recheck_s = DB_RECHECK_S
     try:
         # Subscribe before reading the row, so a "done" published in between is not missed.
         pubsub = bus.subscribe(job_id)
@@ -144,7 +146,8 @@ def wait_for(db: Session, bus: TokenBus, job_id: str, wait_s: float) -> Job:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            step = min(remaining, DB_RECHECK_S)
+            step = min(remaining, recheck_s)
+            recheck_s = min(recheck_s * 2, DB_RECHECK_MAX_S)  # a long wait reads the row less and less often
             if pubsub is None:
                 time.sleep(min(step, 0.5))
             else:
