@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from web.services.stream import StreamHub
 from web.services.submit import submit_chat
 
 log = logging.getLogger(__name__)
+ERROR_LINGER_S = 2.0  # how long a socket refused with an error stays open for the client to read it
 
 bp = Blueprint("ws", __name__)
 sock = Sock()
@@ -209,6 +211,10 @@ def job_socket(ws: Any, job_id: str) -> None:
         exists = job is not None and visible(job)  # another tenant's job does not exist here
     if not exists:
         connection.send(error_event("job_not_found", f"Job {job_id} does not exist.", job_id))
+        # Close a moment later (or when the client does): a client that reads the handshake answer, the error
+        # and the close in one recv() can lose the error (simple-websocket's client does, under load).
+        with contextlib.suppress(Exception):
+            ws.receive(timeout=ERROR_LINGER_S)
         return
     connection.hub.follow(job_id, after)
     connection.serve(until_idle=True)
