@@ -139,3 +139,20 @@ def test_a_turn_keeps_its_cache_under_the_key_its_next_turn_looks_up():
     assert conversation_key("acme", following[:-1]) == kept
     assert conversation_key("other", following[:-1]) != kept  # tenants never share an entry
     assert conversation_key("acme", first, "A blue cup.") != kept
+
+
+def test_a_cancelled_turn_leaves_its_cache_too(engines, caplog):
+    cached, _ = engines
+    steps = []
+
+    def cancel_after_three(row_ids: list[str]) -> set[str]:
+        steps.append(1)
+        return set(row_ids) if len(steps) > 3 else set()
+
+    turn = [Turn("user", "Describe it at length.", [photo(5)], ["img_5"])]
+    first = cached.generate([GenerationRequest("c1", turn, SamplingParams(temperature=0, max_tokens=50),
+                                               keep_key=lambda _answer: "conv")], check_cancelled=cancel_after_three)[0]
+    assert first.finish_reason == "cancelled" and first.kept_prefix == "conv" and "not caching" not in caplog.text
+    follow = [*turn, Turn("assistant", first.text), Turn("user", "Go on.")]
+    second = cached.generate([GenerationRequest("c2", follow, GREEDY, cache_key="conv")])[0]
+    assert second.cached_tokens >= first.prompt_tokens

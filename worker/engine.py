@@ -166,8 +166,12 @@ class Engine:
         return batch
 
     def _keep_prefix(self, batch: RunningBatch, index: int, row: Row) -> None:
-        """Keep a finished session row's KV cache as its session's prefix (prompt + all but the last token)."""
-        ids = row.prompt_ids + row.token_ids[:-1]
+        """Keep a finished row's KV cache for its conversation's next turn: the prompt and every token fed back
+        (all but the last one sampled; all of them when the row was cancelled before sampling again)."""
+        if self.prefixes.max_bytes <= 0:
+            return
+        fed = row.token_ids if row.finish_reason == "cancelled" else row.token_ids[:-1]
+        ids = row.prompt_ids + fed
         if batch.row_length(index) != len(ids):  # never store a cache that does not match its tokens
             log.warning("not caching %s: %d cached positions for %d tokens", row.request.request_id,
                         batch.row_length(index), len(ids))
