@@ -133,13 +133,13 @@ def measure_acceptance(stack: Stack, submits: int, clients: int, tokens: int) ->
 
 
 def run_benchmark(engine: Engine, data_dir: Path, count: int, warmup: int, tokens: int, submits: int,
-                  clients: int, database: str = "sqlite", model: str = "demo"
+                  clients: int, database: str = "sqlite", model: str = "demo", web_processes: int = 1
                   ) -> tuple[dict[str, str], Latency, Acceptance]:
     """Start a private stack, measure latency then acceptance, and always tear the stack down."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the worker runs with OMP_NUM_THREADS=1: compare like with like
     with tempfile.TemporaryDirectory(prefix="vlgate-bench-") as tmp:
-        stack = Stack(data_dir, Path(tmp), database, model=model)
+        stack = Stack(data_dir, Path(tmp), database, model=model, web_processes=web_processes)
         try:
             stack.start()
             latency = measure_latency(stack, engine, count, warmup, tokens)
@@ -202,12 +202,14 @@ def print_shapes(results: dict[str, Latency]) -> None:
 @click.option("--submits", type=int, default=200, show_default=True, help="Jobs submitted for acceptance.")
 @click.option("--clients", type=int, default=8, show_default=True, help="Concurrent submitting clients.")
 @click.option("--database", type=click.Choice(["sqlite", "postgres"]), default="sqlite", show_default=True)
+@click.option("--web-processes", type=int, default=1, show_default=True,
+              help="gunicorn worker processes of the web (docker/web.sh runs 2).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Data dir with the demo checkpoint.")
 @click.option("--metrics-compare", is_flag=True, help="Instead: chat latency with worker metrics on vs off, as a "
               "ratio (two stacks, rounds alternating; --requests chats per side per round; demo shape).")
 @click.option("--rounds", type=int, default=8, show_default=True, help="Rounds of --metrics-compare.")
 def main(shape: str, count: int, warmup: int, tokens: int, submits: int, clients: int, database: str,
-         data_dir: Path | None, metrics_compare: bool, rounds: int) -> None:
+         web_processes: int, data_dir: Path | None, metrics_compare: bool, rounds: int) -> None:
     """Print end-to-end versus in-process latency and job acceptance throughput of one private stack per shape."""
     from transformers.utils import logging as hf_logging
 
@@ -226,7 +228,7 @@ def main(shape: str, count: int, warmup: int, tokens: int, submits: int, clients
         engine = load_engine(settings)
         print(f"\n=== shape {name} ===")
         header, results[name], acceptance = run_benchmark(engine, settings.data_dir, count, warmup, tokens, submits,
-                                                          clients, database, settings.model)
+                                                          clients, database, settings.model, web_processes)
         print_report(header, results[name], acceptance, tokens)
     print_shapes(results)
 

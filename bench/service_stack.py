@@ -55,7 +55,8 @@ class Stack:
     worker records nothing and serves no /metrics); the web's counters are always on.
     """
 
-    def __init__(self, data_dir: Path, tmp: Path, database: str, metrics: bool = True, model: str = "demo") -> None:
+    def __init__(self, data_dir: Path, tmp: Path, database: str, metrics: bool = True, model: str = "demo",
+                 web_processes: int = 1) -> None:
         self.databases = fresh_database(database, tmp)
         self.database_url = next(self.databases)
         redis_port, port = live.free_port(), live.free_port()
@@ -64,7 +65,7 @@ class Stack:
         env = live.stack_env(self.database_url, f"redis://127.0.0.1:{redis_port}/0", data_dir.resolve(),
                              VLGATE_METRICS_PORT=str(self.metrics_port or 0), **PRODUCTION, VLGATE_MODEL=model)
         self.tmp, self.workers_started = tmp, 1
-        self.services = [live.redis_server(redis_port, tmp), live.web(port, env, tmp),
+        self.services = [live.redis_server(redis_port, tmp), live.web(port, env, tmp, processes=web_processes),
                          live.worker("bench-w1", env, tmp)]
         self.worker_info: dict = {}
 
