@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from common.affinity import direct_queue
+from common.affinity import AFFINITY_GRACE_S, direct_queue
 from common.config import Settings
 
 RUN_JOB_TASK = "vlgate.run_job"
@@ -43,10 +43,17 @@ def make_celery(settings: Settings) -> Celery:
 
 
 def enqueue(app: Celery, job_id: str, queue: str, worker: str | None = None) -> None:
-    """Send a job id (never its data) to a queue, or to one worker's own queue (its session's cache is there);
-    call only after the job row is committed."""
-    target = direct_queue(worker) if worker else queue
-    app.send_task(RUN_JOB_TASK, args=[job_id], queue=target, routing_key=target)
+    """Send a job id (never its data) to a queue; call only after the job row is committed.
+
+    With ``worker`` (it holds the conversation's cache) the id goes to that worker's own queue, and to the shared
+    queue too, due when the hint's grace ends: if the holder is busy or gone, an idle worker takes it then (a
+    worker whose task finds its job taken runs whatever else waits).
+    """
+    if worker:
+        app.send_task(RUN_JOB_TASK, args=[job_id], queue=direct_queue(worker), routing_key=direct_queue(worker))
+        app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, routing_key=queue, countdown=AFFINITY_GRACE_S)
+        return
+    app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, routing_key=queue)
 
 
 def queue_depths(app: Celery) -> dict[str, int]:

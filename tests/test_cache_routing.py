@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import openai
@@ -17,7 +19,8 @@ def cached_tokens(body: dict) -> int:
 
 
 def test_turns_follow_their_cache_and_fall_back_when_its_worker_is_gone(tmp_path: Path, data_dir: Path):
-    with running_stack("sqlite", tmp_path, data_dir, "w1", VLGATE_LIVENESS_TTL_S="2") as stack:
+    with running_stack("sqlite", tmp_path, data_dir, "w1", VLGATE_LIVENESS_TTL_S="2",
+                       VLGATE_STALE_QUEUED_S="120") as stack:
         stack.add_worker("w2")
         chat = {"prompt": "What is on this label?", "image": b64_image((200, 120), (20, 90, 160)),
                 "temperature": 0, "max_tokens": 6}
@@ -44,14 +47,28 @@ def test_turns_follow_their_cache_and_fall_back_when_its_worker_is_gone(tmp_path
         two = client.chat.completions.create(model="demo", messages=messages, temperature=0, max_tokens=6)
         assert one.usage.prompt_tokens <= two.usage.prompt_tokens_details.cached_tokens < two.usage.prompt_tokens
 
-        # The holder stops: the next turn is not held back for it; the other worker answers from scratch.
+        # The holder freezes while it still looks alive: the turn is hinted to it, and after the grace the other
+        # worker takes it through the task's delayed copy on the shared queue (the reaper's rescue of stale queued
+        # jobs is set to 120 s here, beyond the 60 s /api/chat waits, so only that copy can answer in time).
         gone = next(w for w in stack.workers if w.name == holder)
         other = next(w.name for w in stack.workers if w.name != holder)
+        os.kill(gone.proc.pid, signal.SIGSTOP)
+        try:
+            body = requests.post(f"{stack.base}/api/chat", timeout=60, json={
+                "session_id": session, "prompt": "Still there?", "temperature": 0, "max_tokens": 6}).json()
+        finally:
+            os.kill(gone.proc.pid, signal.SIGCONT)
+        row = stack.job_row(body["job_id"])
+        assert (row.worker_hint, row.worker_id) == (holder, other) and "response" in body
+
+        # That turn's cache is now on the other worker. It stops: the next turn is not held back for it; the
+        # first holder, the only worker left, answers from scratch.
+        survivor, gone = gone, next(w for w in stack.workers if w.name == other)
         gone.stop()
-        wait_until(lambda: not stack.redis_client().exists(f"vlgate:alive:{holder}"), 10, 0.2, "the mark to lapse")
-        wait_for_worker(stack.base, other)
+        wait_until(lambda: not stack.redis_client().exists(f"vlgate:alive:{other}"), 10, 0.2, "the mark to lapse")
+        wait_for_worker(stack.base, survivor.name)
         body = requests.post(f"{stack.base}/api/chat", timeout=60, json={
             "session_id": session, "prompt": "Last one?", "temperature": 0, "max_tokens": 6}).json()
         row = stack.job_row(body["job_id"])
-        assert (row.worker_hint, row.worker_id) == (None, other) and "response" in body
+        assert (row.worker_hint, row.worker_id) == (None, survivor.name) and "response" in body
         assert cached_tokens(body) == 0

@@ -156,3 +156,15 @@ def test_a_cancelled_turn_leaves_its_cache_too(engines, caplog):
     follow = [*turn, Turn("assistant", first.text), Turn("user", "Go on.")]
     second = cached.generate([GenerationRequest("c2", follow, GREEDY, cache_key="conv")])[0]
     assert second.cached_tokens >= first.prompt_tokens
+
+
+def test_each_conversation_keeps_only_its_latest_prefix(engines):
+    cached, _ = engines
+    history = [Turn("user", "What is it?", [photo(9)], ["img_9"])]
+    for turn in range(3):
+        request = GenerationRequest(f"t{turn}", list(history), GREEDY, cache_key=f"k{turn - 1}" if turn else None,
+                                    keep_key=lambda _answer, n=turn: f"k{n}")
+        result = cached.generate([request])[0]
+        assert result.kept_prefix == f"k{turn}" and (turn == 0 or result.cached_tokens > 0)
+        history += [Turn("assistant", result.text), Turn("user", f"More {turn}?")]
+    assert len(cached.prefixes) == 1 and cached.prefixes.get("k2") is not None

@@ -54,6 +54,12 @@ class RunningBatch:
         return [(layer.keys[index:index + 1, :, start:].clone(), layer.values[index:index + 1, :, start:].clone())
                 for layer in self.cache.layers]
 
+    def row_bytes(self, index: int) -> int:
+        """Return the bytes one row's keys and values take (what ``row_cache`` would copy)."""
+        layers = self.cache.layers
+        per_position = sum(2 * layer.keys[index, :, 0].numel() * layer.keys.element_size() for layer in layers)
+        return per_position * self.row_length(index)
+
     def row_length(self, index: int) -> int:
         """Return how many cached positions one row attends to."""
         return int(self.attention[index].sum())

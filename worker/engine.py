@@ -176,9 +176,12 @@ class Engine:
             log.warning("not caching %s: %d cached positions for %d tokens", row.request.request_id,
                         batch.row_length(index), len(ids))
             return
-        key = row.request.keep_key(row.stream.text) if row.request.keep_key else None
-        if key and self.prefixes.put(key, ids, row.image_keys, batch.row_cache(index)):
+        key = row.request.keep_key(row.stream.text) if row.request.keep_key else None  # the stored answer
+        if key and self.prefixes.fits(batch.row_bytes(index)) and \
+                self.prefixes.put(key, ids, row.image_keys, batch.row_cache(index)):
             row.kept_prefix = key
+            if row.request.cache_key != key:  # the conversation moved on: its shorter prefix is not needed again
+                self.prefixes.discard(row.request.cache_key)
 
     def _choose(self, batch: RunningBatch, on_delta: DeltaCallback | None, finish: FinishCallback,
                 check_cancelled: CancelCheck | None) -> list[int]:
@@ -204,9 +207,10 @@ class Engine:
                     log.warning("row %s failed to sample: %s", row.request.request_id, exc)
                     row.finish_reason, row.error = "error", f"sampling failed: {exc}"
             if row.finish_reason:
+                tail = row.stream.finish()  # text held back (a possible stop string) belongs to the answer
                 if row.request.keep_key is not None and row.finish_reason != "error":
                     self._keep_prefix(batch, i, row)
-                row.emit(on_delta, row.stream.finish())
+                row.emit(on_delta, tail)
                 finish(row.result())
             else:
                 keep.append(i)

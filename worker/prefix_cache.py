@@ -23,9 +23,9 @@ class PrefixEntry:
 class PrefixCache:
     """An LRU of session prefixes on this worker's device, bounded in bytes.
 
-    Keys are (tenant, session id); an entry is replaced by the session's next turn. Matching is by token
-    ids and image identity, so a stale or foreign entry can only shorten the reused prefix, never change
-    an answer.
+    Keys are conversation keys (common/affinity.py); a turn's entry replaces the one it started from.
+    Matching is by token ids and image identity, so a stale or foreign entry can only shorten the reused
+    prefix, never change an answer.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -46,6 +46,19 @@ class PrefixCache:
             if entry is not None:
                 self._entries.move_to_end(key)
             return entry
+
+    def fits(self, nbytes: int) -> bool:
+        """Tell whether an entry of this size could be kept at all (checked before copying it)."""
+        return 0 < nbytes <= self.max_bytes
+
+    def discard(self, key: str | None) -> None:
+        """Drop a conversation's older prefix once a longer one of it is kept (each turn would otherwise leave one)."""
+        if key is None:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.bytes -= old.nbytes
 
     def put(self, key: str, ids: list[int], image_keys: list[str | None],
             layers: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:

@@ -6,6 +6,7 @@ import io
 import logging
 import multiprocessing
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,11 +71,20 @@ class Preparer:
         """Queue one job's preparation; its future yields the requests, or raises LookupError if it cannot run.
         ``tenant``: a chat's, whose conversation cache it may use (worker/choices.py ``requests_for``)."""
         args = (job_id, spec, created_at, self.settings.max_job_s, tenant)
-        if self.kind == "process":
-            future = self._pool.submit(_prepare_in_child, *args)
-        else:
-            future = self._pool.submit(prepare_job, self.db, self.engine, *args)
+        try:
+            future = self._submit(args)
+        except BrokenProcessPool:  # a pool process died while it held no job: no ticket saw it, so replace it now
+            log.warning("the prepare pool broke between jobs; starting a fresh one")
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._start()
+            self._generation += 1
+            future = self._submit(args)
         return Ticket(job_id, rows, future, self._generation)
+
+    def _submit(self, args: tuple) -> Future:
+        if self.kind == "process":
+            return self._pool.submit(_prepare_in_child, *args)
+        return self._pool.submit(prepare_job, self.db, self.engine, *args)
 
     def restart(self, ticket: Ticket) -> None:
         """Replace the pool that broke under this ticket (a pool process died): later jobs get a fresh one."""

@@ -83,6 +83,9 @@ class VisionCache:
         size = sum(t.numel() * t.element_size() for t in (encoded[0], *encoded[1]))
         if key is None or size > self.max_bytes:
             return
+        # The tower's outputs are views of one tensor per call: keep copies, or an entry would hold every image
+        # of its call (and the byte count would lie).
+        encoded = (encoded[0].clone(), tuple(t.clone() for t in encoded[1]))
         with self._lock:
             if key in self._entries:
                 return
