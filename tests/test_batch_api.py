@@ -149,8 +149,9 @@ def test_cancel_ends_with_what_finished(client: openai.OpenAI) -> None:
 
 
 def test_a_batch_expires_when_its_window_passes(client: openai.OpenAI) -> None:
-    made = submit(client, [request_line(f"r{i}", "Tell me a long story.", max_tokens=64) for i in range(150)],
-                  window="3s")
+    # Far more work than 3 s can hold on any machine (150 x 1,000 tokens): the window, not the work, ends it.
+    made = submit(client, [request_line(f"r{i}", "Tell me a long story.", max_tokens=1000, min_tokens=1000)
+                           for i in range(150)], window="3s")
     ended = wait(client, made.id)
     assert ended.status == "expired" and ended.expired_at and ended.expires_at - ended.created_at == 3
     counts = ended.request_counts
