@@ -49,11 +49,10 @@ def enqueue(app: Celery, job_id: str, queue: str, worker: str | None = None) -> 
     queue too, due when the hint's grace ends: if the holder is busy or gone, an idle worker takes it then (a
     worker whose task finds its job taken runs whatever else waits).
     """
+    target = direct_queue(worker) if worker else queue
+    app.send_task(RUN_JOB_TASK, args=[job_id], queue=target, routing_key=target)
     if worker:
-        app.send_task(RUN_JOB_TASK, args=[job_id], queue=direct_queue(worker), routing_key=direct_queue(worker))
         app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, routing_key=queue, countdown=AFFINITY_GRACE_S)
-        return
-    app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, routing_key=queue)
 
 
 def queue_depths(app: Celery) -> dict[str, int]:

@@ -75,9 +75,7 @@ class Preparer:
             future = self._submit(args)
         except BrokenProcessPool:  # a pool process died while it held no job: no ticket saw it, so replace it now
             log.warning("the prepare pool broke between jobs; starting a fresh one")
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = self._start()
-            self._generation += 1
+            self._replace()
             future = self._submit(args)
         return Ticket(job_id, rows, future, self._generation)
 
@@ -88,8 +86,11 @@ class Preparer:
 
     def restart(self, ticket: Ticket) -> None:
         """Replace the pool that broke under this ticket (a pool process died): later jobs get a fresh one."""
-        if ticket.pool != self._generation:
-            return  # replaced already
+        if ticket.pool == self._generation:  # else replaced already
+            self._replace()
+
+    def _replace(self) -> None:
+        """Drop the broken pool and start a fresh one (a new generation)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool = self._start()
         self._generation += 1

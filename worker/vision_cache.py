@@ -38,10 +38,11 @@ class VisionCache:
         found: list[Encoded | None] = [self._get(key) for key in wanted]
         # One run of the tower per distinct missing image: a batch asking several questions of one picture
         # encodes it once, even when those questions are prefilled together.
+        group = [key if key is not None and self.max_bytes > 0 else i for i, key in enumerate(wanted)]
         first: dict[tuple | int, int] = {}
         for i, hit in enumerate(found):
             if hit is None:
-                first.setdefault(wanted[i] if wanted[i] is not None and self.max_bytes > 0 else i, i)
+                first.setdefault(group[i], i)
         self.misses += len(first)
         self.hits += len(found) - len(first)
         if first:
@@ -54,8 +55,7 @@ class VisionCache:
                 self._put(wanted[i], computed[i])
             for i, hit in enumerate(found):
                 if hit is None:
-                    key = wanted[i] if wanted[i] is not None and self.max_bytes > 0 else i
-                    found[i] = computed[first[key]]
+                    found[i] = computed[first[group[i]]]
         done = [hit for hit in found if hit is not None]
         embeds = tuple(e for e, _ in done)
         deepstack = [tuple(features[n] for _, features in done) for n in range(len(done[0][1]) if done else 0)]
